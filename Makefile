@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo` (main job)  and  `make test` (test suite).
+# Both create .venv, put torch in place first (2.13.0 CPU from the local file when no torch is
+# present, so pip never pulls the CUDA build), then install mtprl with its extras.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev,trl]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mtprl smoke
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from mtprl.cli import main
+
+sys.exit(main())
