@@ -66,7 +66,9 @@ def aggregate(
         per_seq = seq_sum
     else:
         if norm_length is None:
-            raise ValueError("aggregation mode 'seq-mean-token-sum-norm' needs norm_length (e.g. the max response length)")
+            raise ValueError(
+                "aggregation mode 'seq-mean-token-sum-norm' needs norm_length (e.g. the max response length)"
+            )
         check_count("norm_length", norm_length)
         per_seq = seq_sum / norm_length
     denom = (tokens_per_seq > 0).sum().clamp(min=1) if global_seqs is None else global_seqs

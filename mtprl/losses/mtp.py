@@ -65,6 +65,11 @@ class _Heads:
     def num_heads(self) -> int:
         return self.mtp_log_prob.shape[0]
 
+    def scalar(self, value: float) -> Tensor:
+        """A 0-dim constant on the inputs' device, at least float32 (float64 inputs keep float64)."""
+        dtype = torch.promote_types(self.mtp_log_prob.dtype, torch.float32)
+        return torch.tensor(value, dtype=dtype, device=self.mtp_log_prob.device)
+
     def reduce(self, loss_mat: Tensor, k: int) -> Tensor:
         return aggregate(
             loss_mat, self.mtp_mask[k], self.agg,
@@ -90,7 +95,7 @@ def _surrogate_head(x: _Heads, k: int) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def _fixed(x: _Heads) -> tuple[list[Tensor], dict[str, Tensor]]:
-    lam = x.mtp_log_prob.new_tensor(x.coef / x.num_heads, dtype=torch.float32)
+    lam = x.scalar(x.coef / x.num_heads)
     return [lam] * x.num_heads, {}
 
 
@@ -111,7 +116,7 @@ def _occ_exact(x: _Heads) -> tuple[list[Tensor], dict[str, Tensor]]:
     clip = x.occ[1]
     lambdas, metrics = [], {}
     for k, slope in enumerate(x.exact_slope):
-        c_hat = x.mtp_log_prob.new_tensor(slope, dtype=torch.float32)
+        c_hat = x.scalar(slope)
         lam = c_hat * (x.coef / x.num_heads)
         lambdas.append(lam if clip is None else lam.clamp(clip[0], clip[1]))
         metrics[f"mtp/{k}/c_hat"] = c_hat
@@ -143,7 +148,9 @@ def _per_head(name: str, value: PerHeadCount, num_heads: int) -> list[Count | No
         value = list(value.unbind())
     if isinstance(value, (list, tuple)):
         if len(value) != num_heads:
-            raise ValueError(f"{name} has {len(value)} entries but there are {num_heads} MTP heads; give one per head or one for all")
+            raise ValueError(
+                f"{name} has {len(value)} entries but there are {num_heads} MTP heads; give one per head or one for all"
+            )
         for v in value:
             check_count(name, v)
         return list(value)
@@ -156,7 +163,8 @@ def _per_head(name: str, value: PerHeadCount, num_heads: int) -> list[Count | No
 def _stacked(mtp_log_prob: Tensor, mtp_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(`[K, B, T]` log-probs, `[K, B, T]` bool mask) from `[K, B, T]` or `[B, T]` inputs."""
     if not isinstance(mtp_log_prob, Tensor) or mtp_log_prob.ndim not in (2, 3):
-        raise ValueError(f"mtp_log_prob must be [K, B, T] (or [B, T] for one head), got {getattr(mtp_log_prob, 'shape', mtp_log_prob)!r}")
+        got = getattr(mtp_log_prob, "shape", mtp_log_prob)
+        raise ValueError(f"mtp_log_prob must be [K, B, T] (or [B, T] for one head), got {got!r}")
     mask = as_mask(mtp_mask, mtp_log_prob, name="mtp_mask", ref="mtp_log_prob")
     if mtp_log_prob.ndim == 2:
         return mtp_log_prob[None], mask[None]  # [1, B, T]
@@ -189,9 +197,11 @@ def _prepare(regime: str, inputs: dict, options: dict) -> tuple[Regime, _Heads |
     check_occ_options(coef, K, occ[2], occ[0], occ[1])
     slopes = inputs.get("exact_slope")
     if slopes is not None and regime == "occ-exact":
-        slopes = slopes.tolist() if isinstance(slopes, Tensor) else list(slopes)
+        slopes = slopes.tolist() if isinstance(slopes, Tensor) else [float(s) for s in slopes]
         if len(slopes) != K:
-            raise ValueError(f"exact_slope has {len(slopes)} entries but there are {K} MTP heads; give one slope per head")
+            raise ValueError(
+                f"exact_slope has {len(slopes)} entries but there are {K} MTP heads; give one slope per head"
+            )
     heads = _Heads(
         mtp_log_prob=mtp, mtp_mask=mask, log_prob=inputs.get("log_prob"), old_log_prob=inputs.get("old_log_prob"),
         advantages=inputs.get("advantages"), coef=float(coef), agg=options["agg"], clip=clip, occ=occ,

@@ -30,7 +30,9 @@ OCC_ESTIMATORS = ("mean-ratio", "ratio-of-sums")
 SMALL_MU = 1e-6
 
 
-def check_occ_options(base: float, num_heads: int, eps: float, estimator: str, clip: tuple[float, float] | None) -> None:
+def check_occ_options(
+    base: float, num_heads: int, eps: float, estimator: str, clip: tuple[float, float] | None
+) -> None:
     """Raise on an unknown estimator, num_heads < 1, eps < 0, a non-number base or a bad clip pair."""
     check_choice("OCC estimator", estimator, OCC_ESTIMATORS)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -105,7 +107,9 @@ def _flat_grads(loss: Tensor, params: list[Tensor], dtype: torch.dtype) -> list[
     return [torch.zeros_like(p, dtype=dtype) if g is None else g.to(dtype) for p, g in zip(params, grads)]
 
 
-def gradient_alignment(params: Iterable[Tensor], loss_rl: Tensor, loss_mtp: Tensor, eps: float = 1e-8) -> dict[str, float]:
+def gradient_alignment(
+    params: Iterable[Tensor], loss_rl: Tensor, loss_mtp: Tensor, eps: float = 1e-8
+) -> dict[str, float]:
     """Exact alignment of the RL and MTP gradients on `params` (the shared parameters θ_s).
 
     Two `torch.autograd.grad` calls with retain_graph=True: nothing is written to `.grad` and both

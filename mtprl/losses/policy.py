@@ -38,12 +38,17 @@ class ClipMasks(NamedTuple):
 
 def check_clip_range(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
     """Raise unless 0 <= clip_low < 1, clip_high >= 0 and dual_clip is None or > 1."""
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be >= 0 (e.g. 0.2; the ratio is clipped to [1-clip_low, 1+clip_high]), got {value!r}")
+        if not is_number(value) or not value >= 0:
+            raise ValueError(
+                f"{name} must be >= 0 (e.g. 0.2; the ratio is clipped to [1-clip_low, 1+clip_high]), got {value!r}"
+            )
     if not clip_low < 1:
         raise ValueError(f"clip_low must be < 1 so that the lower bound 1 - clip_low stays positive, got {clip_low!r}")
-    if dual_clip is not None and (isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1):
+    if dual_clip is not None and (not is_number(dual_clip) or not dual_clip > 1):
         raise ValueError(f"dual_clip must be None or > 1 (e.g. 3.0), got {dual_clip!r}")
 
 
