@@ -1,0 +1,1 @@
+"""Training: pre-training of the embedded default (`mtprl.train.pretrain`) and the RL loop."""
