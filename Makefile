@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,trl]"
+	$(PIP) install -q --no-deps "verl==0.9.1" && $(PIP) install -q "ray>=2.41" "tensordict>=0.8,<=0.10.0,!=0.9.0" omegaconf codetiming orjson
 	touch $(STAMP)
 
 install: $(STAMP)
