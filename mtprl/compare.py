@@ -1,0 +1,209 @@
+"""`mtprl compare` and `mtprl demo`: every MTP regime side by side from the same base, then a report.
+
+Each (regime, seed) pair is one `mtprl train` run in `OUTPUT_DIR/runs/REGIME-seedSEED`, with the
+same settings apart from the regime. A finished run whose recorded config matches is re-used; an
+unfinished one resumes from its latest checkpoint; one whose recorded config differs is an error
+(nothing is overwritten). Runs go one after another in this process, or `workers` at a time in
+child processes (each with its share of the CPU threads). The report goes to OUTPUT_DIR/report.
+`mtprl demo` is the same experiment with a budget sized for a laptop CPU: one seed, ~15 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from mtprl.config import (
+    ConfigError, add_config_arguments, build_config, config_to_dict, load_config, opt, read_yaml, require,
+)
+
+DEMO_REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
+# Settings that do not change a run's result; a re-used run may differ in them.
+_NOT_RESULT = {"resume", "progress", "overwrite", "output_dir", "log_with", "project", "save_every",
+               "keep_checkpoints"}
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Run MTP regimes side by side (same base, same settings, several seeds) and report."""
+
+    regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (frozen, detach, ce, policy, occ, occ-exact)")
+    seeds: list[int] = opt([0, 1, 2], "seeds; each regime runs once per seed")
+    steps: int = opt(60, "RL steps per run")
+    mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
+    occ_estimator: str = opt("mean-ratio", "OCC proxy estimator: mean-ratio (paper) or ratio-of-sums")
+    train_config: str | None = opt(None, "YAML file of `mtprl train` settings shared by every run")
+    set: list[str] = opt([], "extra shared `mtprl train` settings as key=value (win over train_config)")
+    output_dir: str = opt("runs/compare", "experiment folder: runs/ and report/")
+    workers: int = opt(1, "runs at a time (child processes sharing the CPU cores); 1: in this process")
+
+    def validate(self) -> None:
+        from mtprl.train.config import REGIMES
+
+        require(bool(self.regimes), "regimes must name at least one regime")
+        for r in self.regimes:
+            require(r in REGIMES, f"unknown regime '{r}' in regimes; valid: {', '.join(REGIMES)}")
+        require(len(set(self.regimes)) == len(self.regimes), f"regimes repeat a name: {self.regimes}")
+        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+                f"seeds must be one or more distinct integers, got {self.seeds}")
+        require(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        if self.train_config is not None:
+            require(Path(self.train_config).is_file(), f"train_config '{self.train_config}' does not exist")
+
+
+@dataclasses.dataclass
+class DemoConfig(CompareConfig):
+    """The main job: the five regimes from the embedded base, one seed, sized for ~15 minutes on 2 CPU cores."""
+
+    seeds: list[int] = opt([0], "seeds; each regime runs once per seed")
+    steps: int = opt(30, "RL steps per run")
+    output_dir: str = opt("runs/demo", "experiment folder: runs/ and report/")
+    workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
+    set: list[str] = opt(["prompts_per_step=8", "group_size=8", "eval_every=10", "eval_limit=24", "eval_k=2",
+                          "exact_every=5", "max_new_tokens=80", "save_every=10"],
+                         "extra shared `mtprl train` settings as key=value")
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes key=value pairs, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def plan_runs(cfg: CompareConfig) -> list[tuple[str, object]]:
+    """(name, TrainConfig) for every regime × seed; every config is checked before anything runs."""
+    from mtprl.train.config import TrainConfig
+
+    shared = read_yaml(cfg.train_config) if cfg.train_config else {}
+    shared.update(_parse_sets(cfg.set))
+    for key in ("regime", "seed", "output_dir"):
+        if key in shared:
+            raise ConfigError(f"'{key}' is set per run by compare; remove it from train_config / --set")
+    runs = []
+    for regime in cfg.regimes:
+        for seed in cfg.seeds:
+            name = f"{regime}-seed{seed}"
+            values = {**shared, "regime": regime, "seed": seed, "steps": cfg.steps, "mtp_coef": cfg.mtp_coef,
+                      "occ_estimator": cfg.occ_estimator, "resume": "auto",
+                      "output_dir": str(Path(cfg.output_dir) / "runs" / name)}
+            runs.append((name, build_config(TrainConfig, values, f"the settings of run {name}")))
+    return runs
+
+
+def run_state(train_cfg) -> str:
+    """'done' (finished with the same settings), 'partial' (resumable) or 'new'."""
+    run_dir = Path(train_cfg.output_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return "new"
+    recorded = yaml.safe_load(saved.read_text()) or {}
+    wanted = config_to_dict(train_cfg)
+    diff = [k for k in wanted if k not in _NOT_RESULT and recorded.get(k) != wanted[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"run directory '{run_dir}' holds a run with other settings ({k}: {recorded.get(k)!r} "
+                          f"there, {wanted[k]!r} now); use another --output-dir or remove that run")
+    return "done" if (run_dir / "summary.json").is_file() else "partial"
+
+
+def _child_command(train_cfg, threads: int) -> tuple[list[str], dict]:
+    run_dir = Path(train_cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    request = run_dir / "requested.yaml"
+    request.write_text(yaml.safe_dump({**config_to_dict(train_cfg), "progress": False}, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return [sys.executable, "-m", "mtprl", "train", "--config", str(request)], env
+
+
+def _last_step(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    for line in reversed(metrics.read_text().strip().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if row.get("kind") == "train":
+            return int(row.get("step", 0))
+    return 0
+
+
+def run_parallel(todo: list[tuple[str, object]], workers: int) -> None:
+    """Run the pending trainings `workers` at a time as child processes, printing progress."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    queue, running, failed = list(todo), {}, []
+    while queue or running:
+        while queue and len(running) < workers:
+            name, tc = queue.pop(0)
+            cmd, env = _child_command(tc, threads)
+            log = open(Path(tc.output_dir) / "train.log", "a")
+            running[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), tc, log)
+            print(f"  started {name}", flush=True)
+        time.sleep(5)
+        status = []
+        for name, (proc, tc, log) in list(running.items()):
+            if proc.poll() is None:
+                status.append(f"{name} {_last_step(Path(tc.output_dir))}/{tc.steps}")
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode:
+                failed.append(name)
+                print(f"  FAILED {name} (exit {proc.returncode}); see {tc.output_dir}/train.log", flush=True)
+            else:
+                print(f"  finished {name}", flush=True)
+        if status:
+            print("  running: " + ", ".join(status), flush=True)
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)}; their logs are in their run directories, and "
+                           "re-running the same command resumes them")
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run (or re-use) every regime × seed, then build the report; returns the report summary."""
+    from mtprl.report import build_report, format_summary_table
+    from mtprl.train import train
+    from mtprl.train.pretrain import PretrainConfig, ensure_base_model
+
+    start = time.perf_counter()
+    runs = plan_runs(cfg)
+    states = {name: run_state(tc) for name, tc in runs}
+    todo = [(name, tc) for name, tc in runs if states[name] != "done"]
+    print(f"{len(runs)} runs: {len(runs) - len(todo)} re-used, {len(todo)} to run "
+          f"({', '.join(n for n, _ in todo) or 'none'})", flush=True)
+    if todo and any(tc.model == "tiny-default" for _, tc in todo):
+        ensure_base_model(PretrainConfig())  # pre-train (or find) the shared base once, before the runs
+    if cfg.workers > 1 and len(todo) > 1:
+        run_parallel(todo, cfg.workers)
+    else:
+        for name, tc in todo:
+            print(f"== {name}", flush=True)
+            train(tc)
+    out = Path(cfg.output_dir)
+    summary = build_report([Path(tc.output_dir) for _, tc in runs], out / "report")
+    print(format_summary_table(summary))
+    print(f"report: {out / 'report' / 'report.md'}  (wall time {time.perf_counter() - start:.0f}s)")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = CompareConfig) -> None:
+    add_config_arguments(parser, cls)
+
+
+def run(args: argparse.Namespace, cls: type = CompareConfig) -> int:
+    cfg = load_config(cls, args)
+    run_compare(cfg)
+    return 0
