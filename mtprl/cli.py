@@ -15,6 +15,7 @@ from mtprl import __version__
 # name -> (module, one-line help). The module is imported only when the command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("mtprl.model.smoke", "build the tiny default MTP model and run one forward pass"),
+    "pretrain": ("mtprl.train.pretrain", "pre-train the embedded default on generated traces (cached per config)"),
 }
 
 
