@@ -14,8 +14,11 @@ from mtprl import __version__
 
 # name -> (module, one-line help). The module is imported only when the command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mtprl.demo", "the main job: every MTP regime from the embedded base, side by side, with a report"),
+    "compare": ("mtprl.compare", "run chosen regimes x seeds with identical settings, paired comparison, report"),
     "smoke": ("mtprl.model.smoke", "build the tiny default MTP model and run one forward pass"),
     "pretrain": ("mtprl.train.pretrain", "pre-train the embedded default on generated traces (cached per config)"),
+    "report": ("mtprl.report.command", "build a report folder (tables, claims, figures) from run directories"),
 }
 
 

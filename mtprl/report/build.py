@@ -1,0 +1,42 @@
+"""Write the report folder: report.md, the PNG figures and summary.json, from run directories only.
+
+All run directories are read and checked, and the output folder vetted, before anything is
+written: a bad input leaves the disk untouched. The output folder may already exist (its report
+files are overwritten); it may not be one of the run directories, whose summary.json it would
+replace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mtprl.report.figures import write_figures
+from mtprl.report.load import ReportError, Run, load_runs
+from mtprl.report.markdown import render_report
+from mtprl.report.summary import group_runs, summarize
+
+
+def _check_out_dir(out_dir: Path, runs: list[Run]) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out '{out_dir}' exists and is not a folder; choose a folder path")
+    target = out_dir.resolve()
+    for run in runs:
+        if Path(run.path).resolve() == target:
+            raise ReportError(f"--out '{out_dir}' is the run directory '{run.path}'; writing the report there "
+                              "would overwrite its summary.json, so choose another folder")
+
+
+def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Read the runs, write out_dir/{report.md, summary.json, *.png}; return the summary dict."""
+    runs = load_runs(run_dirs)
+    out = Path(out_dir)
+    _check_out_dir(out, runs)
+    summary = summarize(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    summary["figures"] = write_figures(group_runs(runs), summary, out)
+    (out / "report.md").write_text(render_report(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary

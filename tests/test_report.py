@@ -1,0 +1,264 @@
+"""mtprl report on hand-made run directories: table numbers, paired comparison, figures, CLI, bad input.
+
+The runs: regimes detach and occ, seeds 0 and 1, suites add-easy and modexpr-hard. Final avg@4:
+    detach s0: add 0.5, mod 0.3, avg 0.4      detach s1: add 0.6, mod 0.4, avg 0.5
+    occ    s0: add 0.7, mod 0.3, avg 0.5      occ    s1: add 0.9, mod 0.5, avg 0.7
+greedy averages: detach 0.3, 0.4; occ 0.4, 0.3. MTP accept: detach 0.8, 0.7; occ 0.6, 0.7.
+Wall time: detach 100, 110; occ 120, 130.
+"""
+
+import json
+import math
+import struct
+
+import pytest
+import yaml
+
+from mtprl.cli import main
+from mtprl.report import ReportError, build_report, format_summary_table, load_runs
+
+SUITES = ("add-easy", "modexpr-hard")
+# (regime, seed): (avg@4 per suite, greedy per suite, mtp_accept, wall_time)
+FINAL = {
+    ("detach", 0): ((0.5, 0.3), (0.4, 0.2), 0.8, 100.0),
+    ("detach", 1): ((0.6, 0.4), (0.4, 0.4), 0.7, 110.0),
+    ("occ", 0): ((0.7, 0.3), (0.6, 0.2), 0.6, 120.0),
+    ("occ", 1): ((0.9, 0.5), (0.4, 0.2), 0.7, 130.0),
+}
+# occ exact rows (exact slope, proxy ĉ) by (seed, step); pooled they are x = (1,2,3,4), y = (1,3,2,4).
+EXACT = {(0, 2): (1.0, 1.0), (0, 4): (2.0, 3.0), (1, 2): (3.0, 2.0), (1, 4): (4.0, 4.0)}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def final_eval(regime, seed):
+    acc, greedy, accept, _ = FINAL[(regime, seed)]
+    out = {}
+    for i, suite in enumerate(SUITES):
+        out[f"eval/{suite}/avg@4"] = acc[i]
+        out[f"eval/{suite}/greedy"] = greedy[i]
+    out["eval/avg/avg@4"] = sum(acc) / 2
+    out["eval/avg/greedy"] = sum(greedy) / 2
+    out["eval/mtp_accept"] = accept
+    return out
+
+
+def train_row(regime, seed, step, exact=True):
+    row = {"kind": "train", "step": step, "time": 10.0 * step, "entropy": 1.0 + 0.1 * step,
+           "rollout/accept_rate": 0.8 - 0.02 * step, "pg/loss": 0.1}
+    if regime == "occ":
+        row.update({"mtp/0/lambda": 0.01 * step, "mtp/0/c_hat": 0.1 * step})
+        if exact and (seed, step) in EXACT:
+            slope, proxy = EXACT[(seed, step)]
+            row.update({"exact/0/dot": 0.5, "exact/0/g_mtp_sq": 2.0, "exact/0/slope": slope,
+                        "exact/0/proxy_c_hat": proxy})
+    return row
+
+
+def write_run(root, regime, seed, finished=True, exact=True):
+    """A run directory: 6 train steps, evals at steps 0, 3, 6 (the last equal to the final numbers)."""
+    run_dir = root / f"{regime}-s{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"regime": regime, "seed": seed, "mtp_coef": 0.1, "steps": 6}))
+    final = final_eval(regime, seed)
+    rows = [train_row(regime, seed, step, exact) for step in range(1, 7)]
+    rows += [{"kind": "eval", "step": step, "time": 10.0 * step + 1, **{k: v * scale for k, v in final.items()}}
+             for step, scale in ((0, 0.5), (3, 0.8), (6, 1.0))]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if finished:
+        wall = FINAL[(regime, seed)][3]
+        (run_dir / "summary.json").write_text(json.dumps({**final, "wall_time": wall, "regime": regime, "seed": seed}))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [write_run(tmp_path / "runs", regime, seed) for regime, seed in FINAL]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One report of the four runs, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("shared")
+    out = root / "report"
+    return build_report([write_run(root / "runs", regime, seed) for regime, seed in FINAL], out), out
+
+
+def test_summary_numbers_equal_the_metrics_files(report):
+    summary, _ = report
+    assert summary["suites"] == list(SUITES) and summary["metrics"] == ["avg@4", "greedy"]
+    assert summary["regimes"] == ["detach", "occ"] and summary["headline"] == "avg@4"
+    acc = summary["accuracy"]["avg@4"]
+    for (regime, seed), (values, _, _, _) in FINAL.items():
+        assert acc[regime]["add-easy"]["values"][str(seed)] == values[0]
+        assert acc[regime]["modexpr-hard"]["values"][str(seed)] == values[1]
+    # detach avg: (0.4 + 0.5)/2 = 0.45, sd 0.1/√2; occ avg: (0.5 + 0.7)/2 = 0.6, sd 0.2/√2.
+    assert acc["detach"]["avg"]["mean"] == pytest.approx(0.45)
+    assert acc["detach"]["avg"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert acc["occ"]["avg"]["mean"] == pytest.approx(0.6)
+    assert acc["occ"]["avg"]["std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert acc["occ"]["modexpr-hard"]["mean"] == pytest.approx(0.4) and acc["occ"]["avg"]["n"] == 2
+    extras = summary["extras"]
+    assert extras["occ"]["eval/mtp_accept"]["mean"] == pytest.approx(0.65)
+    assert extras["detach"]["wall_time"]["mean"] == pytest.approx(105.0)
+    # greedy avg: detach (0.3, 0.4) -> 0.35; occ (0.4, 0.3) -> 0.35.
+    assert summary["accuracy"]["greedy"]["occ"]["avg"]["mean"] == pytest.approx(0.35)
+
+
+def test_paired_comparison_against_detach(report):
+    summary, _ = report
+    avg = summary["paired"]["avg@4"]["occ"]["avg"]
+    # diffs by seed: s0 0.5 − 0.4 = +0.1, s1 0.7 − 0.5 = +0.2; mean 0.15, sd 0.1/√2, se 0.05,
+    # t(0.975, 1) = 12.7062 -> CI 0.15 ± 0.63531 = [-0.48531, 0.78531]: within noise.
+    # Sign test: 2 of 2 positive -> p = 2·(1/2)² = 0.5.
+    assert avg["seeds"] == ["0", "1"]
+    assert avg["diffs"] == pytest.approx([0.1, 0.2])
+    assert avg["mean"] == pytest.approx(0.15)
+    assert avg["ci_low"] == pytest.approx(-0.48531, abs=1e-4) and avg["ci_high"] == pytest.approx(0.78531, abs=1e-4)
+    assert avg["p_sign"] == pytest.approx(0.5) and avg["verdict"] == "within noise"
+    # greedy avg diffs: +0.1, −0.1 -> sign test 2·(1 + 2)/4 capped at 1.
+    greedy = summary["paired"]["greedy"]["occ"]["avg"]
+    assert greedy["mean"] == pytest.approx(0.0, abs=1e-12) and greedy["p_sign"] == 1.0
+    assert "detach" not in summary["paired"]["avg@4"]
+
+
+def test_report_md_tables_show_the_numbers(report):
+    _, out = report
+    text = (out / "report.md").read_text()
+    # regime | n | add-easy | modexpr-hard | avg | MTP accept | wall time (s)
+    assert "| detach | 2 | 0.550 ± 0.071 | 0.350 ± 0.071 | 0.450 ± 0.071 | 0.750 ± 0.071 | 105.0 ± 7.1 |" in text
+    assert "| occ | 2 | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.600 ± 0.141 | 0.650 ± 0.071 | 125.0 ± 7.1 |" in text
+    assert "| occ | avg | s0: +0.100, s1: +0.200 | +0.150 | [-0.485, +0.785] | 0.500 | within noise |" in text
+    assert "## Final accuracy — greedy" in text
+    # Claim 1 holds (within noise counts as matching); claim 5: r = 0.8 but p = 1 − r = 0.2 (df 2).
+    assert "(1) occ matches or beats detach: **reproduced**" in text
+    assert "(2) ce falls below detach: **not measurable (missing data)**" in text
+    assert "r = 0.800 (p = 0.2) over 4 exact rows" in text
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["accuracy"]["avg@4"]["occ"]["avg"]["mean"] == pytest.approx(0.6)
+    assert [c["verdict"] for c in saved["claims"]] == [
+        "reproduced", "not measurable (missing data)", "not measurable (missing data)",
+        "not measurable (missing data)", "not reproduced"]
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24]), len(data)
+
+
+def test_figures_are_valid_pngs(report):
+    summary, out = report
+    files = {f["file"]: f for f in summary["figures"]}
+    assert set(files) == {"accuracy_avg.png", "accuracy_suites.png", "occ_coefficients.png", "exact_terms.png",
+                          "proxy_vs_exact.png", "mtp_acceptance.png", "entropy.png"}
+    assert all(f["written"] for f in files.values())
+    for name in files:
+        (width, height), size = png_size(out / name)
+        assert width > 100 and height > 100 and size > 5000
+        assert f"]({name})" in (out / "report.md").read_text()
+
+
+def test_missing_data_skips_figures_and_claims(tmp_path):
+    dirs = [write_run(tmp_path / "runs", regime, seed, exact=False) for regime, seed in FINAL]
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "proxy_vs_exact.png").write_bytes(PNG_SIGNATURE)  # a stale figure from an earlier report
+    summary = build_report(dirs, out)
+    skipped = {f["file"]: f["reason"] for f in summary["figures"] if not f["written"]}
+    assert set(skipped) == {"exact_terms.png", "proxy_vs_exact.png"}
+    assert not (out / "proxy_vs_exact.png").exists()
+    text = (out / "report.md").read_text()
+    assert f"Skipped: {skipped['exact_terms.png']}." in text
+    assert summary["claims"][4]["verdict"] == "not measurable (missing data)"
+    assert "0 exact row(s)" in summary["claims"][4]["explanation"]
+
+
+def test_unfinished_run_uses_last_eval_row(tmp_path):
+    dirs = [write_run(tmp_path / "runs", regime, seed, finished=(regime, seed) != ("occ", 1)) for regime, seed in FINAL]
+    # Cut the unfinished run's log short: drop its final eval and leave half a line, as a crash would.
+    metrics = dirs[3] / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    summary = build_report(dirs, tmp_path / "report")
+    (occ1,) = [r for r in summary["runs"] if r["regime"] == "occ" and r["seed"] == 1]
+    assert not occ1["finished"] and occ1["final_step"] == 3
+    assert any("cut short" in note for note in occ1["notes"])
+    # Its last eval (step 3) is 0.8 × the final numbers: avg 0.8·0.7 = 0.56; wall time = last 'time' = 60.
+    assert summary["accuracy"]["avg@4"]["occ"]["avg"]["values"]["1"] == pytest.approx(0.56)
+    assert summary["extras"]["occ"]["wall_time"]["values"]["1"] == pytest.approx(60.0)
+    table = format_summary_table(summary)
+    assert "occ *" in table and "unfinished" in table
+
+
+def test_format_summary_table_is_aligned(report):
+    summary, _ = report
+    lines = format_summary_table(summary).splitlines()
+    assert lines[0] == "final accuracy (avg@4), mean ± std over seeds"
+    header, rule, detach, occ = lines[1:5]
+    assert header.split() == ["regime", "n", "add-easy", "modexpr-hard", "avg", "MTP", "accept", "wall", "time", "(s)"]
+    assert len({len(header), len(rule), len(detach), len(occ)}) == 1  # every row padded to the same width
+    assert "0.450 ± 0.071" in detach and "0.600 ± 0.141" in occ
+
+
+def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
+    out = tmp_path / "cli-report"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0.450 ± 0.071" in printed and "claim (1) occ matches or beats detach: reproduced" in printed
+    assert (out / "report.md").is_file() and (out / "summary.json").is_file()
+
+
+def test_cli_bad_input_writes_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["report", str(runs[0]), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_inputs_raise_clear_errors(runs, tmp_path):
+    out = tmp_path / "never"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="has no metrics.jsonl"):
+        build_report([runs[0], empty], out)
+    bad = runs[1] / "metrics.jsonl"
+    lines = bad.read_text().splitlines(keepends=True)
+    lines[7] = lines[7].replace('"step": 3', '"step": 3,,')  # line 8: the eval row of step 3
+    bad.write_text("".join(lines))
+    with pytest.raises(ReportError, match=r"metrics\.jsonl:8: not valid JSON"):
+        build_report(runs, out)
+    assert not out.exists()
+    with pytest.raises(ReportError, match="no run directories"):
+        load_runs([])
+
+
+def test_malformed_last_line_of_a_finished_run_is_an_error(runs, tmp_path):
+    metrics = runs[0] / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"kind": "eval", "st')
+    with pytest.raises(ReportError, match=r"metrics\.jsonl:10: not valid JSON"):
+        load_runs([runs[0]])
+
+
+def test_rows_and_identity_are_checked(tmp_path):
+    run_dir = write_run(tmp_path, "detach", 0)
+    metrics = run_dir / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + json.dumps({"kind": "eval", "step": "7"}) + "\n")
+    with pytest.raises(ReportError, match=r"metrics\.jsonl:10: a eval row needs an integer 'step'"):
+        load_runs([run_dir])
+    metrics.write_text(good + "[1, 2]\n")
+    with pytest.raises(ReportError, match="expected a JSON object"):
+        load_runs([run_dir])
+    metrics.write_text(good)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "summary.json").write_text(json.dumps({"wall_time": 1.0}))
+    with pytest.raises(ReportError, match="no 'regime'"):
+        load_runs([run_dir])
+
+
+def test_duplicate_regime_and_seed_and_out_dir_clash(runs, tmp_path):
+    with pytest.raises(ReportError, match="both regime 'detach' seed 0"):
+        load_runs([runs[0], runs[0]])
+    with pytest.raises(ReportError, match="would overwrite its summary.json"):
+        build_report(runs, runs[2])
