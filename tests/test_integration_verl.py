@@ -18,6 +18,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, PolicyLossConfig
 from verl.workers.config.model import MtpConfig
 from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import no_padding_2_padding
 
 import mtprl.integrations.verl as mverl
 from mtprl.losses import occ_coefficient
@@ -168,3 +169,17 @@ def test_missing_mtp_log_probs_say_what_to_patch():
         mverl.mtp_ppo_loss(actor_config("occ"), {"log_probs": log_probs}, data)
     with pytest.raises(ValueError, match="no verl policy loss"):
         mverl.make_policy_loss("frozen")
+
+
+def test_packed_layout_lands_on_the_response_tokens_verl_slices():
+    data, _ = verl_batch(K=2)
+    attention = data["attention_mask"]  # [B, P + R] = [2, 7], P = 3
+    # ours[k, b, t] = head k's log-prob of the token at padded position t; make every entry identifiable
+    ours = -(torch.arange(2 * 2 * 7, dtype=torch.float32).reshape(2, 2, 7) + 1) / 100
+    packed = mverl.verl_packed_mtp_log_probs(ours, attention)
+    assert packed.is_nested and packed.values().shape == (int(attention.sum()), 2)
+    response = no_padding_2_padding(packed, data)  # [B, R, K], verl's own slicing of model outputs
+    # Response token r of row b sits at padded position 3 + r, so it must carry ours[k, b, 3 + r];
+    # row 1 has 2 response tokens (positions 3, 4), its 2 padded slots are 0.
+    expected = ours[:, :, 3:].permute(1, 2, 0) * data["response_mask"][..., None]
+    torch.testing.assert_close(response, expected)

@@ -45,6 +45,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, register_policy_loss
 from verl.workers.utils.losses import ppo_loss
@@ -88,6 +89,22 @@ def mtp_ppo_loss(config, model_output: dict, data, dp_group=None) -> tuple[Tenso
     mtp = mtp[None] if mtp.ndim == 2 else mtp.movedim(-1, 0)  # [K, B, R]
     with pending_mtp_log_prob(mtp):
         return ppo_loss(config, model_output, data, dp_group)
+
+
+def verl_packed_mtp_log_probs(mtp_log_probs: Tensor, attention_mask: Tensor) -> Tensor:
+    """Our aligned MTP log-probs in the layout `mtp_ppo_loss` expects of `model_output["mtp_log_probs"]`.
+
+    `mtp_log_probs [K, B, L]` indexed by target position (as `MTPCausalLM.token_log_probs` returns
+    them), `attention_mask [B, L]` with contiguous real tokens (left or right padding). Returns a
+    nested jagged `[B, j_b, K]` tensor over each sequence's real tokens, rolled as verl rolls its
+    labels: row i holds the heads' log-probs of real token i + 1 (0 on each sequence's last token).
+    """
+    mask = attention_mask.bool()  # [B, L]
+    nxt = torch.zeros_like(mtp_log_probs)  # [K, B, L]
+    nxt[..., :-1] = torch.where(mask[:, 1:], mtp_log_probs[..., 1:], 0.0)
+    values = nxt.permute(1, 2, 0)[mask]  # [total tokens, K], sequence by sequence
+    offsets = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.sum(-1).cumsum(0)])
+    return torch.nested.nested_tensor_from_jagged(values, offsets)
 
 
 def verl_aggregation(
@@ -193,4 +210,5 @@ register_policy_loss("occ")(make_policy_loss(LOSS_NAMES["occ"]))
 
 __all__ = [
     "DEFAULT_COEF", "LOSS_NAMES", "make_policy_loss", "mtp_ppo_loss", "pending_mtp_log_prob", "verl_aggregation",
+    "verl_packed_mtp_log_probs",
 ]
