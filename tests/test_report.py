@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mtprl.cli import main
-from mtprl.report import ReportError, build_report, format_summary_table, load_runs
+from mtprl.report import ReportError, Run, build_report, format_summary_table, load_runs, summarize
 
 SUITES = ("add-easy", "modexpr-hard")
 # (regime, seed): (avg@4 per suite, greedy per suite, mtp_accept, wall_time)
@@ -129,10 +129,12 @@ def test_report_md_tables_show_the_numbers(report):
     assert "| occ | 2 | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.600 ± 0.141 | 0.650 ± 0.071 | 125.0 ± 7.1 |" in text
     assert "| occ | avg | s0: +0.100, s1: +0.200 | +0.150 | [-0.485, +0.785] | 0.500 | within noise |" in text
     assert "## Final accuracy — greedy" in text
+    assert "Per suite: 0 of 2 tested comparisons fall outside the noise; about 0.1 would by chance" in text
     # Claim 1 holds (within noise counts as matching); claim 5: r = 0.8 but p = 1 − r = 0.2 (df 2).
     assert "(1) occ matches or beats detach: **reproduced**" in text
     assert "(2) ce falls below detach: **not measurable (missing data)**" in text
     assert "r = 0.800 (p = 0.2) over 4 exact rows" in text
+    assert "'matches' means only 'not shown worse': the interval still allows -0.485" in text
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy"]["avg@4"]["occ"]["avg"]["mean"] == pytest.approx(0.6)
     assert [c["verdict"] for c in saved["claims"]] == [
@@ -251,6 +253,8 @@ def test_rows_and_identity_are_checked(tmp_path):
     with pytest.raises(ReportError, match="expected a JSON object"):
         load_runs([run_dir])
     metrics.write_text(good)
+    (run_dir / "config.yaml").unlink()  # regime and seed may come from summary.json alone
+    assert (load_runs([run_dir])[0].regime, load_runs([run_dir])[0].seed) == ("detach", 0)
     (run_dir / "config.yaml").write_text("seed: 0\n")
     (run_dir / "summary.json").write_text(json.dumps({"wall_time": 1.0}))
     with pytest.raises(ReportError, match="no 'regime'"):
@@ -262,3 +266,18 @@ def test_duplicate_regime_and_seed_and_out_dir_clash(runs, tmp_path):
         load_runs([runs[0], runs[0]])
     with pytest.raises(ReportError, match="would overwrite its summary.json"):
         build_report(runs, runs[2])
+
+
+def test_average_column_falls_back_to_the_suite_mean():
+    # No eval/avg/greedy key: the average is the plain mean of the suites, (0.2 + 0.6)/2 = 0.4, and
+    # None for a run missing a suite (so that regime's avg cell has n=1 of 2).
+    def run(regime, seed, final):
+        return Run(path=f"{regime}-{seed}", regime=regime, seed=seed, config={}, train=[], evals=[], final=final,
+                   final_step=None, wall_time=None, finished=True)
+
+    summary = summarize([run("detach", 0, {"eval/a/greedy": 0.2, "eval/b/greedy": 0.6}),
+                         run("detach", 1, {"eval/a/greedy": 0.5})])
+    avg = summary["accuracy"]["greedy"]["detach"]["avg"]
+    assert avg["values"] == {"0": pytest.approx(0.4)} and avg["n"] == 1
+    table = format_summary_table(summary)
+    assert "0.400 (n=1)" in table and "0.350 ± 0.212" in table  # suite a: (0.2, 0.5), sd 0.3/√2

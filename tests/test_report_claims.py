@@ -94,7 +94,8 @@ def test_claim_4_correlation_decays_penalty_persists():
     run = make_run("policy", 0, 0.5, train=exact_rows(dots, [2.0] * 3 + [1.8] * 3 + [1.5] * 3))
     claim = claims([run])[4]
     assert claim["verdict"] == "reproduced"
-    assert claim["evidence"]["mean"] == pytest.approx({"dot_first": 0.8, "dot_last": 0.1, "pen_first": 2.0, "pen_last": 1.5})
+    expected = {"dot_first": 0.8, "dot_last": 0.1, "pen_first": 2.0, "pen_last": 1.5}
+    assert claim["evidence"]["mean"] == pytest.approx(expected)
     # The penalty fading too (2.0 -> 0.5 < 1.0) breaks "persists".
     run = make_run("policy", 0, 0.5, train=exact_rows(dots, [2.0] * 3 + [1.0] * 3 + [0.5] * 3))
     assert claims([run])[4]["verdict"] == "not reproduced"

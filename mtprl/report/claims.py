@@ -89,7 +89,11 @@ def _versus_reference(summary: dict[str, Any], number_: int, regime: str, text: 
         ok = comparison["mean"] < 0 if want_worse else comparison["mean"] >= 0
     else:
         ok = comparison["verdict"] == WORSE if want_worse else comparison["verdict"] in (BETTER, WITHIN_NOISE)
-    explanation = f"{regime} − {summary['reference']} ({summary['headline']} average): {describe_comparison(comparison)}"
+    explanation = (f"{regime} − {summary['reference']} ({summary['headline']} average): "
+                   f"{describe_comparison(comparison)}")
+    if not want_worse and comparison["verdict"] == WITHIN_NOISE:
+        explanation += (f"; 'matches' means only 'not shown worse': the interval still allows "
+                        f"{comparison['ci_low']:+.3f}")
     return _claim(number_, text, criterion, REPRODUCED if ok else NOT_REPRODUCED, explanation, comparison)
 
 
@@ -168,7 +172,8 @@ def claim_policy_terms(groups: dict[str, list[Run]]) -> dict[str, Any]:
     if not per_run:
         return _claim(4, text, criterion, NOT_MEASURABLE,
                       "no policy run with exact/0/dot and exact/0/g_mtp_sq rows in both the first and last third")
-    mean = {key: float(np.mean([t[key] for t in per_run])) for key in ("dot_first", "dot_last", "pen_first", "pen_last")}
+    keys = ("dot_first", "dot_last", "pen_first", "pen_last")
+    mean = {key: float(np.mean([t[key] for t in per_run])) for key in keys}
     decays = mean["dot_first"] > 0 and mean["dot_last"] < DECAY * mean["dot_first"]
     persists = mean["pen_last"] >= PERSIST * mean["pen_first"]
     explanation = (f"over {len(per_run)} run(s): ⟨g_RL, g_MTP⟩ {mean['dot_first']:.4g} → {mean['dot_last']:.4g} "

@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     for claim in summary["claims"]:
         print(f"claim ({claim['id']}) {claim['claim']}: {claim['verdict']}")
     skipped = [f["file"] for f in summary["figures"] if not f["written"]]
-    print(f"\nreport written to {args.out}/report.md" + (f" (figures skipped: {', '.join(skipped)})" if skipped else ""))
+    skipped_text = f" (figures skipped: {', '.join(skipped)})" if skipped else ""
+    print(f"\nreport written to {args.out}/report.md{skipped_text}")
     return 0

@@ -48,11 +48,11 @@ def _draw(ax: Any, series: Series, label: str, color: str, linestyle: str = "-",
         ax.fill_between(series.steps, series.low, series.high, color=color, alpha=0.2, linewidth=0)
 
 
-def _panel(ax: Any, groups: Groups, kind: str, value: RowValue, title: str, regimes: tuple[str, ...] | None = None) -> bool:
-    """One line per regime (restricted to `regimes` when given); False when nothing was drawn."""
+def _panel(ax: Any, groups: Groups, kind: str, value: RowValue, title: str) -> bool:
+    """One line per regime; False when nothing was drawn."""
     drawn = False
     for regime, runs in groups.items():
-        series = align(runs, kind, value) if regimes is None or regime in regimes else None
+        series = align(runs, kind, value)
         if series is not None:
             _draw(ax, series, regime, _color(regime, groups))
             drawn = True
@@ -89,7 +89,7 @@ def fig_accuracy_suites(groups: Groups, summary: dict[str, Any]) -> Figure | str
         return "no per-suite eval accuracy in any run"
     ncols = min(3, len(suites))
     fig, axes = _figure(math.ceil(len(suites) / ncols), ncols, f"accuracy ({metric}) vs step, per suite")
-    drawn = [_panel(axes.flat[i], groups, "eval", _key(f"eval/{suite}/{metric}"), suite) for i, suite in enumerate(suites)]
+    drawn = [_panel(ax, groups, "eval", _key(f"eval/{suite}/{metric}"), suite) for ax, suite in zip(axes.flat, suites)]
     for ax in list(axes.flat)[len(suites):]:
         ax.set_visible(False)
     return fig if any(drawn) else "no eval row carries a per-suite accuracy"
@@ -140,7 +140,8 @@ def fig_proxy_vs_exact(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     slopes = [v for s, _ in pairs.values() for v in s]
     proxies = [v for _, p in pairs.values() for v in p]
     r = pearson(slopes, proxies)
-    fig, axes = _figure(1, 1, "OCC proxy ĉ vs exact slope" + ("" if r is None else f" (Pearson r = {r:.3f}, n = {len(slopes)})"))
+    title = "OCC proxy ĉ vs exact slope" + ("" if r is None else f" (Pearson r = {r:.3f}, n = {len(slopes)})")
+    fig, axes = _figure(1, 1, title)
     ax = axes[0, 0]
     for regime, (s, p) in pairs.items():
         ax.scatter(s, p, s=12, alpha=0.7, color=_color(regime, groups), label=regime)

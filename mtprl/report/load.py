@@ -132,7 +132,8 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"{path} is not valid JSON ({err}); fix it, or delete it to treat the run as unfinished") from None
+        raise ReportError(f"{path} is not valid JSON ({err}); fix it, or delete it to treat the run as "
+                          "unfinished") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return flatten(data)
@@ -145,7 +146,8 @@ def _identity(run_dir: Path, config: dict[str, Any], summary: dict[str, Any] | N
     if not isinstance(regime, str) or not regime:
         raise ReportError(f"{run_dir}: no 'regime' in config.yaml or summary.json; the report groups runs by it")
     if isinstance(seed, bool) or not isinstance(seed, (int, str)):
-        raise ReportError(f"{run_dir}: no integer 'seed' in config.yaml or summary.json; paired comparisons match runs by it")
+        raise ReportError(f"{run_dir}: no integer 'seed' in config.yaml or summary.json; paired comparisons "
+                          "match runs by it")
     return regime, seed
 
 
@@ -174,7 +176,8 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"run directory '{run_dir}' does not exist; pass directories written by a training run")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise ReportError(f"'{run_dir}' has no metrics.jsonl, so it is not a run directory; pass the folder a run wrote")
+        raise ReportError(f"'{run_dir}' has no metrics.jsonl, so it is not a run directory; pass the folder "
+                          "a run wrote")
     config = _read_config(run_dir / "config.yaml")
     summary = _read_summary(run_dir / "summary.json")
     rows, notes = read_metrics(metrics, finished=summary is not None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtprl.report.keys import AVG
-from mtprl.report.stats import BETTER, NO_PAIRS, ONE_SEED, WITHIN_NOISE, WORSE
+from mtprl.report.stats import BETTER, CONFIDENCE, NO_PAIRS, ONE_SEED, WITHIN_NOISE, WORSE
 from mtprl.report.tables import MISSING, fmt_num, fmt_stat, markdown_table, paired_rows, summary_rows
 
 METHOD = """\
@@ -24,9 +24,9 @@ def _runs_section(summary: dict[str, Any]) -> list[str]:
     for run in summary["runs"]:
         planned = MISSING if run["steps"] is None else str(run["steps"])
         last = MISSING if run["last_step"] is None else str(run["last_step"])
-        rows.append([run["path"], run["regime"], str(run["seed"]), str(run["mtp_coef"] if run["mtp_coef"] is not None else MISSING),
-                     str(run["occ_estimator"] or MISSING), f"{last} / {planned}", "yes" if run["finished"] else "no *",
-                     fmt_num(run["wall_time"], 1)])
+        coef = MISSING if run["mtp_coef"] is None else str(run["mtp_coef"])
+        rows.append([run["path"], run["regime"], str(run["seed"]), coef, str(run["occ_estimator"] or MISSING),
+                     f"{last} / {planned}", "yes" if run["finished"] else "no *", fmt_num(run["wall_time"], 1)])
     notes = [f"- `{run['path']}`: {note}" for run in summary["runs"] for note in run["notes"]]
     return ["## Runs", "", markdown_table(headers, rows), "", *notes, *([""] if notes else [])]
 
@@ -62,6 +62,14 @@ def _paired_section(summary: dict[str, Any]) -> list[str]:
         by_verdict[by_column[AVG]["verdict"]].append(regime)
     said = "; ".join(f"{v}: {', '.join(r)}" for v, r in by_verdict.items() if r)
     lines += [f"What it shows, on the {headline} average against {reference}: {said}.", ""]
+    tested = [c["verdict"] for by_column in summary["paired"][headline].values()
+              for suite, c in by_column.items() if suite != AVG and c["n"] > 1]
+    if tested:
+        outside = sum(v in (BETTER, WORSE) for v in tested)
+        chance = (1 - CONFIDENCE) * len(tested)
+        lines += [f"Per suite: {outside} of {len(tested)} tested comparisons fall outside the noise; about "
+                  f"{chance:.1f} would by chance alone at {CONFIDENCE:.0%} confidence (no correction for "
+                  "multiple comparisons), so read single per-suite verdicts with care.", ""]
     return lines
 
 

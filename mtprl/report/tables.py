@@ -90,5 +90,6 @@ def format_summary_table(summary: dict[str, Any], metric: str | None = None) -> 
         return "no eval accuracy in these runs"
     headers, rows = summary_rows(summary, metric)
     title = f"final accuracy ({metric}), mean ± std over seeds"
-    note = "\n* includes an unfinished run (numbers from its last eval)" if any("*" in r[0] for r in rows) else ""
+    unfinished = any(row[0].endswith(" *") for row in rows)
+    note = "\n* includes an unfinished run (numbers from its last eval)" if unfinished else ""
     return f"{title}\n{text_table(headers, rows)}{note}"
