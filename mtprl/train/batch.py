@@ -1,0 +1,138 @@
+"""The rollout batch as the update sees it, its mini-/micro-batch layout, and its per-token log-probs.
+
+A `TrainBatch` holds N sequences `prompt ++ response` ([N, P + R], prompts left-padded, responses
+right-padded), the advantages, and the masks of the tokens each head is trained on. The masks
+follow `MTPCausalLM.token_log_probs`' rule (DESIGN §1: head k scores target t when x_t and
+x_{t-k-2} are real tokens; the main head when x_t and x_{t-1} are), restricted to response tokens,
+so the counts over a whole mini-batch, which normalise the loss of each micro-batch and worker,
+are known before any forward pass.
+
+Layout. Epoch e of step s shuffles the N rows with a seed of (seed, s, e) and cuts them into
+`mini_batches` equal mini-batches; worker r takes its contiguous share of each mini-batch and cuts
+it into micro-batches of `micro_batch_size` rows. Old log-probs are computed in exactly the
+micro-batches of epoch 0, so on the first mini-batch (θ = θ_old) the training forward reproduces
+them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+from torch import Tensor
+
+from mtprl.train.distributed import Dist
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any printable parts (python's hash() is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def head_masks(attention_mask: Tensor, response_mask: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """(main mask [N, R], per-head masks [K, N, R]) of the response tokens each head scores.
+
+    attention_mask [N, P + R] bool; response_mask [N, R] bool.
+    """
+    L, R = attention_mask.shape[1], response_mask.shape[1]
+
+    def scored(back: int) -> Tensor:  # x_t and x_{t-back} both real, response columns only
+        prev = torch.zeros_like(attention_mask)
+        if back < L:
+            prev[:, back:] = attention_mask[:, :-back]
+        return (attention_mask & prev)[:, L - R:] & response_mask
+
+    heads = [scored(k + 2) for k in range(num_heads)]
+    return scored(1), torch.stack(heads) if heads else response_mask.new_zeros(0, *response_mask.shape)
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    """One rollout batch ready for updates; all tensors share the row dimension N."""
+
+    input_ids: Tensor  # [N, P + R] int64, prompt (left-padded) then response (right-padded)
+    attention_mask: Tensor  # [N, P + R] bool
+    response_mask: Tensor  # [N, R] bool, real response tokens (EOS included)
+    advantages: Tensor  # [N] float32
+    loss_mask: Tensor  # [N, R] bool, response tokens the main head scores
+    head_mask: Tensor  # [K, N, R] bool, response tokens MTP head k scores
+    old_log_probs: Tensor | None = None  # [N, R] float32, main head at θ_old
+    ref_log_probs: Tensor | None = None  # [N, R] float32, frozen reference (KL loss only)
+
+    @classmethod
+    def build(cls, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, advantages: Tensor,
+              num_heads: int) -> "TrainBatch":
+        loss_mask, head_mask = head_masks(attention_mask, response_mask, num_heads)
+        return cls(input_ids, attention_mask, response_mask, advantages.float(), loss_mask, head_mask)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def select(self, rows: Tensor) -> "TrainBatch":
+        """Rows `rows` with the columns no selected row uses cut off (leading padding, trailing padding)."""
+        attn = self.attention_mask[rows]
+        resp = self.response_mask[rows]
+        first = int(attn.any(0).long().argmax()) if attn.any() else 0
+        first = min(first, self.prompt_len - 1)
+        width = int(resp.sum(1).max()) if resp.numel() else 0
+        cols = slice(first, self.prompt_len + width)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows][:, :width]
+
+        return TrainBatch(
+            input_ids=self.input_ids[rows][:, cols], attention_mask=attn[:, cols], response_mask=resp[:, :width],
+            advantages=self.advantages[rows], loss_mask=pick(self.loss_mask),
+            head_mask=self.head_mask[:, rows][:, :, :width], old_log_probs=pick(self.old_log_probs),
+            ref_log_probs=pick(self.ref_log_probs),
+        )
+
+
+def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int) -> list[Tensor]:
+    """Global row indices of each mini-batch of epoch `epoch` of step `step` (a seeded shuffle)."""
+    generator = torch.Generator().manual_seed(derive_seed("minibatches", seed, step, epoch))
+    return list(torch.randperm(n, generator=generator).chunk(mini_batches))
+
+
+def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int) -> list[Tensor]:
+    """This worker's share of a mini-batch's rows, cut into micro-batches."""
+    return list(rows[dist.share(len(rows))].split(micro_batch_size))
+
+
+def response_log_probs(model, batch: TrainBatch, temperature: float, *, with_entropy: bool = False, mtp: bool = True):
+    """`token_log_probs` of the batch with every output cut to the response columns ([.., R])."""
+    out = model.token_log_probs(batch.input_ids, batch.attention_mask, temperature=temperature,
+                                with_entropy=with_entropy, mtp=mtp)
+    P = batch.prompt_len
+    return dataclasses.replace(
+        out, log_probs=out.log_probs[:, P:], mask=out.mask[:, P:] & batch.response_mask,
+        mtp_log_probs=out.mtp_log_probs[:, :, P:], mtp_mask=out.mtp_mask[:, :, P:] & batch.response_mask,
+        mtp_top1=out.mtp_top1[:, :, P:], entropy=None if out.entropy is None else out.entropy[:, P:],
+    )
+
+
+@torch.no_grad()
+def layout_log_probs(model, batch: TrainBatch, layout: list[Tensor], temperature: float, dist: Dist) -> Tensor:
+    """Main-head log-probs [N, R] of every row, computed in the micro-batches `layout` (this worker's
+    micro-batches of epoch 0) and gathered from all workers."""
+    R = batch.response_mask.shape[1]
+    rows = torch.cat(layout) if layout else torch.zeros(0, dtype=torch.long)
+    values = torch.zeros(len(rows), R, dtype=torch.float32, device=batch.input_ids.device)
+    offset = 0
+    for mb_rows in layout:
+        mb = batch.select(mb_rows)
+        lp = response_log_probs(model, mb, temperature, mtp=False).log_probs
+        values[offset: offset + len(mb_rows), : lp.shape[1]] = lp.float()
+        offset += len(mb_rows)
+    all_rows = dist.gather_rows(rows.to(values.device))
+    all_values = dist.gather_rows(values)
+    out = torch.zeros(batch.size, R, dtype=torch.float32, device=values.device)
+    out[all_rows] = all_values
+    return out

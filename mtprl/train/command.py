@@ -1,0 +1,32 @@
+"""`mtprl train`: parse a TrainConfig (YAML + command line), train, print where the run went."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mtprl.config import ConfigError, add_config_arguments, load_config
+from mtprl.train.config import TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, TrainConfig)
+    # `--resume` alone means `--resume auto` (continue from the latest complete checkpoint).
+    resume = next(a for a in parser._actions if a.dest == "resume")
+    resume.nargs, resume.const = "?", "auto"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(TrainConfig, args)
+    except ConfigError as err:
+        raise SystemExit(f"mtprl train: {err}") from None
+    from mtprl.train.loop import train
+
+    run_dir = train(cfg)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        final = json.loads(summary.read_text())
+        shown = {k: round(v, 4) for k, v in final.get("eval", {}).items() if k.startswith("eval/avg/")}
+        print(f"run finished in {final['wall_time']:.1f}s: {run_dir}  {shown}")
+    return 0

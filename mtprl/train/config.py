@@ -1,0 +1,197 @@
+"""`TrainConfig`: every setting of `mtprl train`, one flat dataclass, checked before any model is built.
+
+Load it with `mtprl.config.load_config(TrainConfig, args)` (defaults < YAML < command line) or
+build it in code and pass it to `mtprl.train.train`, which checks it again the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from mtprl.config import ConfigError, build_config, config_to_dict, opt, require
+
+REGIMES = ("frozen", "detach", "ce", "policy", "occ", "occ-exact")
+Regime = Literal["frozen", "detach", "ce", "policy", "occ", "occ-exact"]
+TINY_DEFAULT = "tiny-default"
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """RL from verifiable rewards (GRPO/DAPO) with an MTP regime: rollouts, rewards, mini-batch updates."""
+
+    # ----- model and data ------------------------------------------------------------------------
+    model: str = opt(TINY_DEFAULT, "'tiny-default' (the embedded model, pre-trained and cached on first use) or a "
+                                   "local Hugging Face checkpoint directory, with or without MTP weights")
+    num_mtp_layers: int | None = opt(None, "MTP layers to train; null: as many as the checkpoint has (at least 1); "
+                                           "missing ones start fresh")
+    data: str | None = opt(None, "local math data (.jsonl / .parquet / datasets dir) trained as a MathTask; "
+                                 "null: the generated task families")
+    data_problem_key: str = opt("problem", "column of --data holding the problem text")
+    data_answer_key: str = opt("answer", "column of --data holding the reference answer")
+    eval_data: list[str] = opt([], "held-out math data files for evaluation with --data, one suite per file "
+                                   "(named by the file's stem)")
+    families: list[str] = opt(["add", "expr", "sort"], "generated task families to train on (without --data)")
+    eval_suites: list[str] = opt([], "held-out suites to evaluate (without --data); empty: all six")
+    chat_template: bool = opt(False, "wrap each prompt in the tokenizer's chat template (instruct checkpoints)")
+    max_prompt_tokens: int = opt(512, "longer prompts keep their last this many tokens")
+
+    # ----- MTP regime ----------------------------------------------------------------------------
+    regime: Regime = opt("occ", "how the MTP heads train during RL: frozen, detach, ce, policy, occ, occ-exact")
+    mtp_coef: float = opt(0.1, "λ₀, the base MTP loss coefficient (split over the K heads; OCC scales it by ĉ)")
+    occ_estimator: Literal["mean-ratio", "ratio-of-sums"] = opt("mean-ratio", "OCC proxy: the paper's mean of "
+                                                                "per-token ratios, or the least-squares slope")
+    occ_clip: list[float] = opt([], "optional [lo, hi] clamp of the OCC λ; empty: none (the paper)")
+
+    # ----- batch layout ----------------------------------------------------------------------------
+    steps: int = opt(100, "training steps (one rollout batch each)")
+    prompts_per_step: int = opt(16, "prompts per rollout batch (the global batch, over all workers)")
+    group_size: int = opt(8, "responses sampled per prompt (GRPO group), >= 2")
+    mini_batches: int = opt(4, "optimiser steps per rollout batch and epoch (the paper's recipe uses 4); must "
+                               "divide prompts_per_step × group_size")
+    epochs: int = opt(1, "passes over each rollout batch")
+    micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation within a mini-batch)")
+
+    # ----- optimiser ------------------------------------------------------------------------------
+    lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)")
+    warmup_steps: int = opt(0, "optimiser updates of linear warm-up from 0 (a step makes mini_batches × epochs)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to norms and other 1-D parameters)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm, applied to shared and MTP-only parameters "
+                                    "separately; 0: no clipping")
+
+    # ----- policy loss ----------------------------------------------------------------------------
+    clip_low: float = opt(0.2, "lower clip ε_low: ratios below 1 − ε_low stop the gradient when A < 0")
+    clip_high: float = opt(0.28, "upper clip ε_high (DAPO clip-higher): ratios above 1 + ε_high stop it when A > 0")
+    dual_clip: float | None = opt(None, "dual-clip constant c > 1 for A < 0; null: off")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
+        "token-mean", "how per-token losses are reduced (token-mean: DAPO)")
+    adv_scale: Literal["group", "batch", "none"] = opt("group", "advantage scaling: group std (GRPO), batch std, "
+                                                               "none (Dr. GRPO)")
+    kl_coef: float = opt(0.0, "β of the KL loss to the frozen initial model; 0: off (no reference model is kept)")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3", "KL estimator of the KL loss")
+
+    # ----- DAPO sampling and reward shaping ------------------------------------------------------
+    dynamic_sampling: bool = opt(True, "drop groups whose rewards are all equal and draw more prompts until the "
+                                       "batch is full")
+    max_draws: int = opt(4, "rollout rounds per step with dynamic sampling; if still short, dropped groups "
+                            "fill the batch")
+    overlong_buffer: int = opt(0, "DAPO overlong shaping: responses in the last this many tokens before "
+                                  "max_new_tokens lose up to overlong_penalty; 0: off")
+    overlong_penalty: float = opt(1.0, "largest overlong penalty (at max_new_tokens)")
+
+    # ----- rollouts -------------------------------------------------------------------------------
+    max_new_tokens: int = opt(96, "longest response in tokens")
+    temperature: float = opt(1.0, "sampling temperature of rollouts (log-probs are computed at it too)")
+    top_p: float = opt(1.0, "nucleus sampling of rollouts; 1: off")
+    top_k: int = opt(0, "top-k sampling of rollouts; 0: off")
+    draft_tokens: int = opt(0, "speculative rollouts: tokens drafted by the MTP heads per step; 0: plain sampling")
+
+    # ----- evaluation and diagnostics -------------------------------------------------------------
+    eval_every: int = opt(25, "evaluate every this many steps (and always at the end); 0: only at the end")
+    eval_at_start: bool = opt(True, "also evaluate the starting model (step 0) on a fresh run")
+    eval_k: int = opt(4, "samples per problem for avg@k")
+    eval_temperature: float = opt(0.6, "sampling temperature of avg@k (greedy pass@1 is also reported)")
+    eval_limit: int = opt(32, "problems per held-out suite")
+    exact_every: int = opt(10, "every this many steps log the exact gradient terms on the shared parameters "
+                               "(two extra backward passes per head); 0: never")
+
+    # ----- run directory, checkpoints, logging ----------------------------------------------------
+    output_dir: str = opt("runs/train", "the run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/")
+    save_every: int = opt(50, "write a checkpoint every this many steps (and at the end); 0: only at the end")
+    keep_checkpoints: int = opt(0, "keep only the newest this many checkpoints; 0: keep all")
+    resume: str = opt("none", "'none' (fresh run), 'auto' (latest complete checkpoint in output_dir, if any) or a "
+                              "checkpoint directory; a bare --resume means auto")
+    overwrite: bool = opt(False, "allow a fresh run to replace the metrics of an existing run directory")
+    log_with: Literal["none", "tensorboard", "wandb"] = opt("none", "extra tracker through accelerate (the JSONL "
+                                                                     "file is always written)")
+    project: str = opt("mtprl", "tracker project name")
+    progress: bool = opt(True, "show a progress bar (step, reward, accuracy, λ)")
+    seed: int = opt(0, "seed of prompts, sampling and shuffling: same seed, same run")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: CUDA when available, else CPU")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "precision of the model weights in training")
+
+    def validate(self) -> None:
+        """Reject impossible or inconsistent values with a message naming the field and the fix."""
+        self._validate_batch()
+        self._validate_optimisation()
+        self._validate_sampling()
+        self._validate_paths()
+
+    def _validate_batch(self) -> None:
+        require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        require(self.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        require(self.group_size >= 2, f"group_size must be >= 2 (group advantages compare responses to the same "
+                                      f"prompt), got {self.group_size}")
+        require(self.mini_batches >= 1, f"mini_batches must be >= 1, got {self.mini_batches}")
+        batch = self.prompts_per_step * self.group_size
+        require(batch % self.mini_batches == 0,
+                f"mini_batches ({self.mini_batches}) must divide the rollout batch prompts_per_step × group_size = "
+                f"{self.prompts_per_step} × {self.group_size} = {batch}; choose a divisor of {batch}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        require(self.regime in REGIMES, f"regime must be one of {', '.join(REGIMES)}; got {self.regime!r}")
+        if self.num_mtp_layers is not None:
+            require(self.num_mtp_layers >= 1, f"num_mtp_layers must be >= 1 or null, got {self.num_mtp_layers}")
+
+    def _validate_optimisation(self) -> None:
+        require(self.lr >= 0, f"lr must be >= 0 (the learning rate), got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "mtp_coef", "kl_coef", "overlong_penalty",
+                     "overlong_buffer", "eval_every", "exact_every", "save_every", "keep_checkpoints", "top_k",
+                     "draft_tokens"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(0 <= self.clip_low < 1, f"clip_low must lie in [0, 1), got {self.clip_low}")
+        require(self.clip_high >= 0, f"clip_high must be >= 0, got {self.clip_high}")
+        require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or null, got {self.dual_clip}")
+        require(len(self.occ_clip) in (0, 2) and (not self.occ_clip or self.occ_clip[0] <= self.occ_clip[1]),
+                f"occ_clip must be empty or two numbers lo <= hi, got {self.occ_clip}")
+
+    def _validate_sampling(self) -> None:
+        require(self.max_draws >= 1, f"max_draws must be >= 1, got {self.max_draws}")
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.overlong_buffer < self.max_new_tokens,
+                f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens ({self.max_new_tokens})")
+        require(self.max_prompt_tokens >= 2, f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.eval_temperature > 0, f"eval_temperature must be > 0 (greedy is reported separately), "
+                                           f"got {self.eval_temperature}")
+        require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
+        require(self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}")
+        require(self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
+
+    def _validate_paths(self) -> None:
+        if self.model != TINY_DEFAULT:
+            path = Path(self.model)
+            require(path.is_dir() and (path / "config.json").is_file(),
+                    f"model '{self.model}' is not a local Hugging Face checkpoint directory (no config.json there); "
+                    f"pass such a directory or '{TINY_DEFAULT}'")
+        for name, path in [("data", self.data)] + [("eval_data", p) for p in self.eval_data]:
+            if path is not None:
+                require(Path(path).exists(), f"{name} file '{path}' does not exist; pass an existing .jsonl, "
+                                             ".parquet file or datasets directory")
+        require(self.data is not None or not self.eval_data, "eval_data is for --data runs; the generated families "
+                                                             "are evaluated on their held-out suites (eval_suites)")
+        self._validate_names()
+        require(self.resume in ("none", "auto") or Path(self.resume).is_dir(),
+                f"resume must be 'none', 'auto' or an existing checkpoint directory; got '{self.resume}'")
+        package = _TRACKER_PACKAGES.get(self.log_with)
+        require(package is None or importlib.util.find_spec(package) is not None,
+                f"log_with '{self.log_with}' needs the '{package}' package; install it or use log_with: none")
+
+    def _validate_names(self) -> None:
+        from mtprl.tasks import SUITES, TASKS
+
+        require(bool(self.families), "families must name at least one task family")
+        for name in self.families:
+            require(name in TASKS, f"unknown task family '{name}' in families; known: {', '.join(sorted(TASKS))}")
+        for name in self.eval_suites:
+            require(name in SUITES, f"unknown suite '{name}' in eval_suites; known: {', '.join(SUITES)}")
+
+
+def checked(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` rebuilt through the config loader: keys, types and values checked as for a YAML file."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train() needs a TrainConfig, got {type(cfg).__name__}")
+    return build_config(TrainConfig, config_to_dict(cfg), "the TrainConfig")

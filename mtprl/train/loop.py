@@ -1,0 +1,189 @@
+"""`train(cfg)`: the RL loop of `mtprl train` — rollout → rewards → advantages → mini-batch updates.
+
+Per step: draw prompts and sample `group_size` responses each (`rollouts.collect_batch`, with DAPO
+dynamic sampling and overlong shaping), recompute old (and reference) log-probs with the model in
+training precision, then `epochs` × `mini_batches` AdamW steps (`update.train_on_batch`) with the
+regime's MTP term. Every step logs one `train` record; every `eval_every` steps and at the end an
+`eval` record; every `save_every` steps and at the end an atomic checkpoint. Same config and seed,
+same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not.
+
+Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/step-XXXXXXXX/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from mtprl.config import ConfigError, config_to_dict, save_config
+from mtprl.model import MTPCausalLM
+from mtprl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
+from mtprl.train.data import ProblemStream, RewardFn, build_problems
+from mtprl.train.distributed import Dist
+from mtprl.train.evaluate import evaluate
+from mtprl.train.metrics import MetricsLog, Progress, truncate_after
+from mtprl.train.rollouts import collect_batch
+from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def base_model_path(cfg: TrainConfig) -> Path:
+    """The checkpoint directory the run starts from (pre-training the embedded default if needed)."""
+    if cfg.model != TINY_DEFAULT:
+        return Path(cfg.model)
+    from mtprl.train.pretrain import PretrainConfig, ensure_base_model
+
+    return ensure_base_model(PretrainConfig())
+
+
+def load_model(path: Path, cfg: TrainConfig, device: torch.device):
+    """(MTPCausalLM on `device` in the training dtype, tokenizer) from a checkpoint directory."""
+    model = MTPCausalLM.from_pretrained(path, num_mtp_layers=cfg.num_mtp_layers, dtype=DTYPES[cfg.dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+def _accelerator(cfg: TrainConfig, run_dir: Path):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    log_with = None if cfg.log_with == "none" else cfg.log_with
+    return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (refusing to clobber an existing run)."""
+    if cfg.resume == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    if cfg.resume != "none":
+        return Path(cfg.resume)
+    if (run_dir / "metrics.jsonl").exists() and not cfg.overwrite:
+        raise ConfigError(f"run directory '{run_dir}' already holds a run (metrics.jsonl); pass --resume to continue "
+                          "it, --overwrite to replace it, or another --output-dir")
+    return None
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, dist: Dist) -> None:
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            for name in ("metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        else:
+            step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+            truncate_after(run_dir / "metrics.jsonl", step)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    dist: Dist
+    model: MTPCausalLM
+    tokenizer: object
+    ref_model: MTPCausalLM | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: ProblemStream
+    reward_fn: RewardFn
+    suites: dict
+    log: MetricsLog
+    started: float  # perf_counter value that corresponds to time 0 of the run
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step, self.dist)
+        t1 = time.perf_counter()
+        prepare_log_probs(self.model, self.ref_model, batch, cfg, step, self.dist)
+        exact = cfg.exact_every > 0 and (step - 1) % cfg.exact_every == 0
+        metrics.update(train_on_batch(self.model, self.optimizer, self.scheduler, batch, cfg, step, self.dist, exact))
+        metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+        return self.log.log("train", step, self.now(), metrics)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        values = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step, self.dist)
+        return self.log.log("eval", step, self.now(), values)
+
+    def save(self, step: int) -> None:
+        state = {"step": step, "data_position": self.stream.position, "elapsed": self.now(),
+                 "config": config_to_dict(self.cfg)}
+        save_checkpoint(self.run_dir / "checkpoints", step, model=self.model, tokenizer=self.tokenizer,
+                        optimizer=self.optimizer, scheduler=self.scheduler, state=state, dist=self.dist,
+                        keep=self.cfg.keep_checkpoints)
+
+
+def _start(cfg: TrainConfig) -> tuple[Run, int]:
+    """Build (or restore) the run; returns it and the number of steps already done."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = _resume_point(cfg, run_dir)
+    accelerator = _accelerator(cfg, run_dir)
+    dist = Dist(accelerator)
+    _prepare_run_dir(cfg, run_dir, resume_from, dist)
+    torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
+    base = base_model_path(cfg)
+    model, tokenizer = load_model(resume_from / "model" if resume_from else base, cfg, dist.device)
+    configure_regime(model, cfg.regime)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    stream, reward_fn, suites = build_problems(cfg)
+    done, elapsed = 0, 0.0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, optimizer, scheduler, dist)
+        done, elapsed = int(state["step"]), float(state["elapsed"])
+        stream.seek(int(state["data_position"]))
+    if cfg.log_with != "none":
+        accelerator.init_trackers(cfg.project, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                       for k, v in config_to_dict(cfg).items()})
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=dist.is_main)
+    run = Run(cfg, run_dir, dist, model, tokenizer, ref_model, optimizer, scheduler, stream, reward_fn, suites, log,
+              started=time.perf_counter() - elapsed)
+    return run, done
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run `mtprl train` in-process and return the run directory (see the module docstring)."""
+    cfg = checked(cfg)
+    run, done = _start(cfg)
+    if done >= cfg.steps and (run.run_dir / "summary.json").exists():
+        run.log.close()
+        return run.run_dir  # resumed a finished run: nothing left to do
+    progress = Progress(cfg.steps, done, cfg.progress and run.dist.is_main)
+    last_eval = None
+    try:
+        if done == 0 and cfg.eval_at_start and run.suites:
+            run.evaluate(0)
+        for step in range(done + 1, cfg.steps + 1):
+            progress.update(run.step(step))
+            if run.suites and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                last_eval = (step, run.evaluate(step))
+            if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                run.save(step)
+        if run.suites and (last_eval is None or last_eval[0] != cfg.steps):
+            last_eval = (cfg.steps, run.evaluate(cfg.steps))
+        if run.dist.is_main:
+            summary = {"regime": cfg.regime, "seed": cfg.seed, "steps": cfg.steps, "wall_time": run.now(),
+                       "eval": {k: v for k, v in (last_eval[1] if last_eval else {}).items()
+                                if k not in ("kind", "step", "time")}}
+            (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        progress.close()
+        run.log.close()
+    return run.run_dir

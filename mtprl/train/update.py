@@ -1,0 +1,222 @@
+"""The training update of one rollout batch: epochs × mini-batches of AdamW steps (no rollout here).
+
+Shared by the trainer (`mtprl.train.loop`) and `benchmarks/bench_update.py`. Per micro-batch:
+    L = L_RL + L_MTP(regime) [+ β · KL]       (all maths from `mtprl.losses`)
+then backward. Every loss is divided by counts over the *whole* mini-batch (all its micro-batches
+on all workers), so the micro-batch gradients add up to the mini-batch gradient; they are summed
+over workers (see `mtprl.train.distributed`), clipped, and AdamW steps.
+
+Departures from the paper's recipe / verl:
+- Gradient clipping applies to the shared parameters and the MTP-only parameters separately (each
+  to `max_grad_norm`), so the MTP-only gradient can never shrink the shared step: under `frozen`
+  and `detach` the shared parameters then take exactly the step of a run without MTP term.
+- OCC's ĉ (and occ-exact's slope) is computed per micro-batch, from the tokens of the forward pass
+  it scales (as verl computes each micro-batch's loss); with micro_batch_size >= the mini-batch it
+  is the mini-batch's ĉ. λ is identical for 1 or N workers when the micro-batches are the same rows.
+- Dropout is off (the model stays in eval mode), so old and new log-probs are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from mtprl.losses import gradient_alignment, kl_loss, mtp_head_losses, mtp_loss, occ_coefficient, policy_loss, valid_counts
+from mtprl.train.batch import TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
+from mtprl.train.distributed import Dist
+from mtprl.train.exact import exact_terms
+
+FIXED_LAMBDA = ("detach", "ce", "policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """Valid tokens / sequences of a whole mini-batch, main head and per MTP head (the loss normalisers)."""
+
+    tokens: Tensor  # 0-dim
+    seqs: Tensor  # 0-dim
+    head_tokens: Tensor  # [K]
+    head_seqs: Tensor  # [K]
+
+    @classmethod
+    def of(cls, batch: TrainBatch, rows: Tensor) -> "Counts":
+        tokens, seqs = valid_counts(batch.loss_mask[rows])
+        head_tokens, head_seqs = valid_counts(batch.head_mask[:, rows])
+        return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
+
+
+def configure_regime(model, regime: str) -> None:
+    """Detach switches (all on for `detach`) and, for `frozen`, MTP parameters without gradient."""
+    on = regime == "detach"
+    model.set_detach(hidden=on, embedding=on, head=on)
+    for p in model.mtp_parameters():
+        p.requires_grad_(regime != "frozen")
+
+
+def trainable(model) -> tuple[list[Tensor], list[Tensor]]:
+    """(shared, MTP-only) parameters that the optimiser updates."""
+    return ([p for p in model.shared_parameters() if p.requires_grad],
+            [p for p in model.mtp_parameters() if p.requires_grad])
+
+
+def build_optimizer(model, cfg):
+    """AdamW (no weight decay on 1-D parameters) and a linear warm-up then constant LR schedule."""
+    shared, mtp = trainable(model)
+    params = shared + mtp
+    groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / (warmup + 1)))
+    return optimizer, scheduler
+
+
+def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
+    """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout."""
+    layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
+              for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
+    batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
+    if ref_model is not None:
+        batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
+
+
+def _renamed(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.replace("clip_frac", "clipfrac"): v for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def _diagnostics(lp, mb: TrainBatch, cfg) -> dict[str, float]:
+    """Entropy, per head teacher-forced top-1, NLL and (where λ does not use it) the proxy ĉ."""
+    def mean(values: Tensor, mask: Tensor) -> float:
+        return float(torch.where(mask, values.float(), 0.0).sum() / mask.sum().clamp(min=1))
+
+    out = {"entropy": mean(lp.entropy, mb.loss_mask)}
+    for k in range(mb.head_mask.shape[0]):
+        mask = mb.head_mask[k]
+        out[f"mtp/{k}/top1"] = mean(lp.mtp_top1[k], mask)
+        out[f"mtp/{k}/nll"] = mean(-lp.mtp_log_probs[k], mask)
+        if cfg.regime != "occ":
+            _, proxy = occ_coefficient(lp.mtp_log_probs[k], lp.log_probs, mb.old_log_probs, mask,
+                                       estimator=cfg.occ_estimator)
+            key = "proxy_c_hat" if cfg.regime == "occ-exact" else "c_hat"
+            out[f"mtp/{k}/{key}"] = proxy["c_hat"]
+        if cfg.regime == "frozen":
+            out[f"mtp/{k}/lambda"] = 0.0
+            out[f"mtp/{k}/loss"] = 0.0
+    return out
+
+
+def _loss_options(cfg, counts: Counts) -> dict:
+    return dict(agg=cfg.loss_agg, norm_length=float(cfg.max_new_tokens), clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, global_tokens=counts.head_tokens,
+                global_seqs=counts.head_seqs)
+
+
+def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts) -> tuple[Tensor, dict[str, float]]:
+    """The micro-batch's share of the mini-batch loss (0-dim, with graph) and its metrics."""
+    lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True)
+    if not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
+        raise RuntimeError("the model scores other tokens than the batch layout expects; "
+                           "mtprl.train.batch.head_masks must follow MTPCausalLM.token_log_probs")
+    loss_rl, pg = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, cfg.clip_low,
+                              cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_tokens=counts.tokens,
+                              global_seqs=counts.seqs, norm_length=float(cfg.max_new_tokens))
+    options = _loss_options(cfg, counts)
+    slopes = None
+    if cfg.regime == "occ-exact":
+        heads = mtp_head_losses("occ-exact", mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
+                                old_log_prob=mb.old_log_probs, advantages=mb.advantages, **options)
+        slopes = [gradient_alignment(model.shared_parameters(), loss_rl, h)["slope"] for h in heads]
+    loss_mtp, mtp = mtp_loss(cfg.regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask, log_prob=lp.log_probs,
+                             old_log_prob=mb.old_log_probs, advantages=mb.advantages, coef=cfg.mtp_coef,
+                             occ_estimator=cfg.occ_estimator, occ_clip=tuple(cfg.occ_clip) or None,
+                             exact_slope=slopes, **options)
+    loss = loss_rl + loss_mtp
+    metrics = {**pg, **mtp, **_diagnostics(lp, mb, cfg)}
+    if cfg.kl_coef > 0:
+        kl, kl_metrics = kl_loss(lp.log_probs, mb.ref_log_probs, mb.loss_mask, cfg.kl_estimator, cfg.loss_agg,
+                                 global_tokens=counts.tokens, global_seqs=counts.seqs,
+                                 norm_length=float(cfg.max_new_tokens))
+        loss = loss + cfg.kl_coef * kl
+        metrics.update(kl_metrics)
+    return loss, _renamed(metrics)
+
+
+class MetricSums:
+    """Micro-batch metrics → mini-batch values: losses (already shares of the whole) add up, the rest
+    are averaged weighted by each micro-batch's tokens; both summed over workers."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weight = 0.0
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] += value if key.endswith("/loss") else value * weight
+        self.weight += weight
+
+    def result(self, dist: Dist) -> dict[str, float]:
+        totals = {k: v * dist.world for k, v in dist.mean_values({**self.sums, "_weight": self.weight}).items()}
+        weight = max(totals.pop("_weight"), 1e-12)
+        return {k: v if k.endswith("/loss") else v / weight for k, v in totals.items()}
+
+
+def _step(model, optimizer, scheduler, cfg, dist: Dist) -> dict[str, float]:
+    """Sum gradients over workers, clip shared and MTP-only parameters separately, AdamW step."""
+    shared, mtp = trainable(model)
+    for p in shared + mtp:
+        if p.grad is None:  # unreached in this mini-batch: a zero gradient, the same on every worker
+            p.grad = torch.zeros_like(p)
+    dist.sum_([p.grad for p in shared + mtp])
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    out = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(shared, max_norm)), "lr": scheduler.get_last_lr()[0]}
+    if mtp:
+        out["mtp/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(mtp, max_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict[str, float]:
+    """Forward and backward of this worker's micro-batches of mini-batch `rows` (global indices) into
+    `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers)."""
+    counts = Counts.of(batch, rows)
+    sums = MetricSums()
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+        mb = batch.select(mb_rows)
+        loss, metrics = microbatch_loss(model, mb, cfg, counts)
+        loss.backward()
+        sums.add(metrics, float(mb.loss_mask.sum()))
+    return sums.result(dist)
+
+
+def minibatch_update(model, optimizer, scheduler, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict[str, float]:
+    """One optimiser step on mini-batch `rows`: gradients of this worker's share, summed over workers, step."""
+    metrics = accumulate_gradients(model, batch, rows, cfg, dist)
+    return {**metrics, **_step(model, optimizer, scheduler, cfg, dist)}
+
+
+def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: int, dist: Dist,
+                   exact: bool = False) -> dict[str, float]:
+    """All updates of one rollout batch (old log-probs set); metrics averaged over its mini-batches.
+
+    `mtp/{k}/lambda_first` is λ on the first mini-batch after the rollout. With `exact`, the exact
+    gradient terms (`exact/{k}/...`) are measured on the last mini-batch just before its update.
+    """
+    per_minibatch, exact_metrics = [], {}
+    for epoch in range(cfg.epochs):
+        layout = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, epoch)
+        for j, rows in enumerate(layout):
+            if exact and epoch == cfg.epochs - 1 and j == len(layout) - 1:
+                exact_metrics = exact_terms(model, batch, rows, cfg, dist)
+            per_minibatch.append(minibatch_update(model, optimizer, scheduler, batch, rows, cfg, dist))
+    keys = per_minibatch[0].keys()
+    out = {k: sum(m[k] for m in per_minibatch) / len(per_minibatch) for k in keys}
+    out["lr"] = per_minibatch[-1]["lr"]
+    for k in range(batch.head_mask.shape[0]):
+        out[f"mtp/{k}/lambda_first"] = per_minibatch[0][f"mtp/{k}/lambda"]
+    return {**out, **exact_metrics}
