@@ -63,18 +63,30 @@ class TRLMTPCausalLM(MTPCausalLM):
     def generation_config(self):
         return self.base.generation_config
 
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.base.is_gradient_checkpointing
-
     def generate(self, *args, **kwargs):
         return self.base.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        return self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+    # Activation checkpointing of the trunk (the MTP layers are not checkpointed).
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base.is_activation_checkpointing
+
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        return self.base.activation_checkpointing_enable(*args, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        return self.base.activation_checkpointing_disable()
+
+    # The names TRL 1.16 still calls (deprecated aliases in transformers 5).
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base.is_activation_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        return self.base.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self):
-        return self.base.gradient_checkpointing_disable()
+        return self.base.activation_checkpointing_disable()
 
     def add_model_tags(self, tags):
         return self.base.add_model_tags(tags)
