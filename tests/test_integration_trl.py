@@ -163,3 +163,11 @@ def test_checkpoint_round_trip_and_bad_inputs(tmp_path, tokenizer, trainers):
         MTPGRPOTrainer(copy.deepcopy(ours.model.base), reward_funcs=distinct_chars, args=ours.args)
     with pytest.raises(ValueError, match="unknown MTP regime"):
         MTPGRPOTrainer(build_tiny_model(tokenizer), reward_funcs=distinct_chars, args=ours.args, mtp_regime="joint")
+
+
+def test_occ_warns_when_every_step_sees_the_rollout_policy(tmp_path, tokenizer, caplog):
+    data = task_dataset(get_task("add").generate(0, 4, 1))
+    # one optimiser step per generation (steps_per_generation = gradient_accumulation_steps = 1): δ ≡ 0
+    MTPGRPOTrainer(build_tiny_model(tokenizer), reward_funcs=distinct_chars, args=config(tmp_path),
+                   train_dataset=data, processing_class=tokenizer, mtp_regime="occ")
+    assert "OCC's λ stays 0" in caplog.text

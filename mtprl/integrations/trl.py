@@ -164,6 +164,9 @@ class MTPGRPOTrainer(GRPOTrainer):
         if not isinstance(model, MTPCausalLM):
             raise TypeError(f"MTPGRPOTrainer trains an mtprl MTPCausalLM, got {type(model).__name__}; "
                             "load one with MTPCausalLM.from_pretrained(path) or use TRL's GRPOTrainer")
+        if type(model) is not MTPCausalLM and not isinstance(model, TRLMTPCausalLM):
+            raise TypeError(f"{type(model).__name__} subclasses MTPCausalLM; derive it from "
+                            "mtprl.integrations.trl.TRLMTPCausalLM instead so TRL finds the HF model API")
         apply_regime(model, mtp_regime)
         if type(model) is MTPCausalLM:
             model.__class__ = TRLMTPCausalLM  # adds the HF API methods only (class docstring)
@@ -221,7 +224,8 @@ class MTPGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         old = inputs.get("old_per_token_logps")
         options, scale = trl_aggregation(
-            self.loss_type, mask, training=mode == "train", grad_accum=self.current_gradient_accumulation_steps,
+            self.loss_type, mask, training=mode == "train",
+            grad_accum=self.current_gradient_accumulation_steps if mode == "train" else 1,
             steps_per_generation=self.args.steps_per_generation, num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes, max_completion_length=self.max_completion_length,
         )
