@@ -64,9 +64,9 @@ def write_run(root, regime, seed, finished=True, exact=True):
     rows += [{"kind": "eval", "step": step, "time": 10.0 * step + 1, **{k: v * scale for k, v in final.items()}}
              for step, scale in ((0, 0.5), (3, 0.8), (6, 1.0))]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    if finished:
-        wall = FINAL[(regime, seed)][3]
-        (run_dir / "summary.json").write_text(json.dumps({**final, "wall_time": wall, "regime": regime, "seed": seed}))
+    if finished:  # the trainer's layout: final eval metrics nested under "eval", keys kept whole
+        summary = {"regime": regime, "seed": seed, "steps": 6, "wall_time": FINAL[(regime, seed)][3], "eval": final}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
 
@@ -266,6 +266,26 @@ def test_duplicate_regime_and_seed_and_out_dir_clash(runs, tmp_path):
         load_runs([runs[0], runs[0]])
     with pytest.raises(ReportError, match="would overwrite its summary.json"):
         build_report(runs, runs[2])
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested by name"])
+def test_summary_json_layouts_give_the_same_final_numbers(tmp_path, layout):
+    run_dir = write_run(tmp_path, "occ", 1)
+    final = final_eval("occ", 1)
+    if layout == "flat":
+        summary = {**final, "wall_time": 7.0, "regime": "occ", "seed": 1}
+    else:  # {"eval": {suite: {metric: value}}}
+        nested = {}
+        for key, value in final.items():
+            parts = key.split("/")[1:]
+            node = nested
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        summary = {"eval": nested, "wall_time": 7.0, "regime": "occ", "seed": 1}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run,) = load_runs([run_dir])
+    assert run.final == final and run.wall_time == 7.0 and run.finished and run.final_step == 6
 
 
 def test_average_column_falls_back_to_the_suite_mean():

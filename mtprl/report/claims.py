@@ -73,6 +73,16 @@ def describe_comparison(comparison: dict[str, Any]) -> str:
             f"{comparison['ci_high']:+.3f}], sign-test p = {comparison['p_sign']:.3f}: {comparison['verdict']}")
 
 
+def _shown_worse(comparison: dict[str, Any]) -> bool:
+    """'worse' by the interval; with one seed, a negative difference (direction only)."""
+    return comparison["mean"] < 0 if comparison["n"] == 1 else comparison["verdict"] == WORSE
+
+
+def _not_shown_worse(comparison: dict[str, Any]) -> bool:
+    """'better' or 'within noise' by the interval; with one seed, a difference ≥ 0 (direction only)."""
+    return comparison["mean"] >= 0 if comparison["n"] == 1 else comparison["verdict"] in (BETTER, WITHIN_NOISE)
+
+
 def _versus_reference(summary: dict[str, Any], number_: int, regime: str, text: str,
                       want_worse: bool) -> dict[str, Any]:
     """Claims 1 and 2: regime − reference on the headline average, want 'worse' or 'not worse'."""
@@ -85,10 +95,7 @@ def _versus_reference(summary: dict[str, Any], number_: int, regime: str, text: 
     comparison, reason = _avg_comparison(summary, regime)
     if comparison is None:
         return _claim(number_, text, criterion, NOT_MEASURABLE, reason)
-    if comparison["n"] == 1:
-        ok = comparison["mean"] < 0 if want_worse else comparison["mean"] >= 0
-    else:
-        ok = comparison["verdict"] == WORSE if want_worse else comparison["verdict"] in (BETTER, WITHIN_NOISE)
+    ok = _shown_worse(comparison) if want_worse else _not_shown_worse(comparison)
     explanation = (f"{regime} − {summary['reference']} ({summary['headline']} average): "
                    f"{describe_comparison(comparison)}")
     if not want_worse and comparison["verdict"] == WITHIN_NOISE:
@@ -125,9 +132,7 @@ def claim_policy_rise_fall(groups: dict[str, list[Run]], summary: dict[str, Any]
                  "last value by more than the noise σ; or (b) policy − detach is 'worse' as in claim 2")
     curve = _rise_then_fall(groups["policy"], summary) if "policy" in groups else None
     comparison, reason = _avg_comparison(summary, "policy")
-    below = None
-    if comparison is not None:
-        below = comparison["mean"] < 0 if comparison["n"] == 1 else comparison["verdict"] == WORSE
+    below = None if comparison is None else _shown_worse(comparison)
     if curve is None and below is None:
         why = reason if "policy" not in groups else f"fewer than 3 policy eval steps, and {reason}"
         return _claim(3, text, criterion, NOT_MEASURABLE, why)

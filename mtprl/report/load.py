@@ -67,10 +67,14 @@ def number(row: dict[str, Any], key: str) -> float | None:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings joined into flat `a/b/c` keys; flat input comes back unchanged."""
+    """Nested mappings joined into flat `a/b/c` keys; a key that already spells its full path stays.
+
+    {"eval": {"eval/add/greedy": 0.5}} (the trainer's summary.json), {"eval": {"add": {"greedy": 0.5}}}
+    and {"eval/add/greedy": 0.5} all give {"eval/add/greedy": 0.5}.
+    """
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
+        name = key if prefix and key.startswith(prefix) else f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}/"))
         else:
