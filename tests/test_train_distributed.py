@@ -1,0 +1,117 @@
+"""Data parallelism: 2 CPU processes (gloo, `accelerate launch`) take the same step as 1 process.
+
+The test launches this file under `accelerate launch --multi_gpu --num_processes 2` (the torchrun
+launcher; on a machine without GPUs, `Accelerator(cpu=True)` then joins a gloo group); each worker trains
+its share of every mini-batch of one fixed global batch, and rank 0 saves the parameters. The
+1-process run of the same global batch must agree within 1e-5. In the same launch the workers
+then run `train()` for two steps (rollouts split across workers, checkpoint by rank 0) as a smoke test.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.train.batch import TrainBatch
+from mtprl.train.config import TrainConfig
+from mtprl.train.distributed import Dist
+from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+def global_batch(n: int = 16) -> TrainBatch:
+    """A fixed batch: left-padded prompts of 3..6 tokens, right-padded responses of 2..10, random advantages."""
+    g = torch.Generator().manual_seed(11)
+    P, R = 6, 10
+    prompt_len, resp_len = torch.randint(3, P + 1, (n,), generator=g), torch.randint(2, R + 1, (n,), generator=g)
+    cols = torch.arange(P + R)
+    attn = (cols >= P - prompt_len[:, None]) & (cols < P + resp_len[:, None])
+    ids = torch.where(attn, torch.randint(3, 99, (n, P + R), generator=g), 0)
+    return TrainBatch.build(ids, attn, attn[:, P:], torch.randn(n, generator=g), 1)
+
+
+def update_config() -> TrainConfig:
+    # 16 rows, 2 mini-batches of 8: each worker takes 4 rows per mini-batch as two micro-batches of 2,
+    # the same row sets as one process's four micro-batches of 2 (so OCC's per-micro-batch ĉ agrees).
+    return TrainConfig(regime="occ", prompts_per_step=4, group_size=4, mini_batches=2, micro_batch_size=2, epochs=2,
+                       lr=1e-4, max_new_tokens=10, mtp_coef=0.5, eval_suites=["add-easy"])
+
+
+def one_update(dist: Dist) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    cfg = update_config()
+    model = build_tiny_model(build_tokenizer(), num_mtp_layers=1, seed=5, **SMALL).eval()
+    configure_regime(model, cfg.regime)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    batch = global_batch()
+    prepare_log_probs(model, None, batch, cfg, step=1, dist=dist)
+    metrics = train_on_batch(model, optimizer, scheduler, batch, cfg, step=1, dist=dist, exact=True)
+    assert metrics["mtp/0/lambda_first"] == 0.0
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, metrics
+
+
+def _worker(out: Path, tiny: Path) -> None:
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from mtprl.train import train
+
+    accelerator = Accelerator(cpu=True)
+    dist = Dist(accelerator)
+    assert dist.world == 2
+    params, metrics = one_update(dist)
+    if dist.is_main:
+        save_file(params, out / "params.safetensors")
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    cfg = TrainConfig(model=str(tiny), regime="policy", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
+                      micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
+                      eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1,
+                      output_dir=str(out / "run"), progress=False, device="cpu")
+    train(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_take_the_one_process_step(tmp_path):
+    from safetensors.torch import load_file
+
+    from mtprl.train.metrics import read_metrics
+
+    tiny = tmp_path / "tiny"
+    tok = build_tokenizer()
+    build_tiny_model(tok, num_mtp_layers=1, seed=0, **SMALL).save_pretrained(tiny, tokenizer=tok)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           __file__, str(tmp_path), str(tiny)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    two = load_file(tmp_path / "params.safetensors")
+    one, metrics = one_update(Dist())
+    initial = build_tiny_model(tok, num_mtp_layers=1, seed=5, **SMALL).state_dict()
+    assert max(float((one[k] - initial[k]).abs().max()) for k in one) > 1e-5  # the steps moved the parameters
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, atol=1e-5, rtol=0), name
+    dp_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "entropy"):
+        assert abs(dp_metrics[key] - metrics[key]) <= 1e-5 * max(1.0, abs(metrics[key])), key
+
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rng-rank1.json").is_file()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))

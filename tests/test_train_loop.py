@@ -1,0 +1,132 @@
+"""`mtprl train` end to end on CPU with a tiny random model: every regime, metrics, resume after a kill.
+
+A random model never solves a problem, so the runs use DAPO's overlong shaping with a buffer of
+max_new_tokens − 1: the reward then falls with the response length, groups have mixed rewards,
+advantages are non-zero and the updates do something.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtprl.config import build_config
+from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.train import TrainConfig, train
+from mtprl.train.checkpoint import latest_checkpoint
+from mtprl.train.config import REGIMES
+from mtprl.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"time", "time/rollout_s", "time/update_s", "rollout/tokens_per_s"}
+TRAIN_KEYS = {
+    "reward/mean", "acc", "response_len/mean", "entropy", "pg/loss", "pg/clipfrac_low", "pg/clipfrac_high",
+    "pg/approx_kl", "grad_norm", "lr", "mtp/0/lambda", "mtp/0/lambda_first", "mtp/0/c_hat", "mtp/0/loss",
+    "mtp/0/top1", "rollout/accept_rate", "sampling/draws",
+}
+EXACT_KEYS = {f"exact/0/{name}" for name in ("dot", "g_rl_sq", "g_mtp_sq", "cos", "slope", "proxy_c_hat")}
+EVAL_KEYS = {"eval/add-easy/avg@2", "eval/add-easy/greedy", "eval/avg/avg@2", "eval/avg/greedy", "eval/mtp_top1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, num_mtp_layers=1, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    model.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def small_config(model: Path, out: Path, **over) -> TrainConfig:
+    values = dict(model=str(model), steps=2, prompts_per_step=2, group_size=4, mini_batches=2, micro_batch_size=4,
+                  max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0, eval_at_start=False,
+                  eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=2, save_every=0,
+                  output_dir=str(out), progress=False, lr=1e-3)
+    values.update(over)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def regime_runs(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("regimes")
+    return {regime: train(small_config(tiny_checkpoint, root / regime, regime=regime)) for regime in REGIMES}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_short_run_per_regime_logs_every_field(regime_runs, regime):
+    run_dir = regime_runs[regime]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    eval_records = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train_records] == [1, 2] and [r["step"] for r in eval_records] == [2]
+    for r in train_records:
+        assert TRAIN_KEYS <= r.keys(), TRAIN_KEYS - r.keys()
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in r.items() if k != "kind")
+    assert EXACT_KEYS <= train_records[0].keys() and not EXACT_KEYS & train_records[1].keys()  # exact_every=2
+    assert EVAL_KEYS <= eval_records[0].keys()
+    assert train_records[0]["grad_norm"] > 0  # the overlong shaping gave non-zero advantages
+    lam = train_records[0]["mtp/0/lambda_first"]
+    assert lam == {"frozen": 0.0, "occ": 0.0}.get(regime, lam)
+    if regime in ("detach", "ce", "policy"):
+        assert lam == pytest.approx(0.1)  # λ₀ / K with λ₀ = 0.1, K = 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["regime"] == regime and summary["seed"] == 0 and EVAL_KEYS <= summary["eval"].keys()
+    saved = build_config(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved.regime == regime and saved.mtp_coef == 0.1 and saved.occ_estimator == "mean-ratio"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000002"
+
+
+def test_every_regime_sees_the_same_first_rollout(regime_runs):
+    firsts = [read_metrics(d / "metrics.jsonl")[0] for d in regime_runs.values()]
+    keys = ("reward/mean", "acc", "response_len/mean", "response_len/max", "sampling/draws", "batch/reward_mean")
+    assert len({tuple(r[k] for k in keys) for r in firsts}) == 1
+
+
+def test_occ_lambda_zero_first_then_nonzero(regime_runs):
+    for r in read_metrics(regime_runs["occ"] / "metrics.jsonl"):
+        if r["kind"] == "train":
+            assert r["mtp/0/lambda_first"] == 0.0 and r["mtp/0/lambda"] != 0.0
+
+
+def test_occ_exact_logs_the_exact_slope(regime_runs):
+    first = read_metrics(regime_runs["occ-exact"] / "metrics.jsonl")[0]
+    # λ = (λ₀ / K) · ĉ with ĉ the exact slope of that micro-batch; the proxy is logged beside it.
+    assert first["mtp/0/c_hat"] != 0.0 and "mtp/0/proxy_c_hat" in first
+    assert first["mtp/0/lambda_first"] != 0.0  # unlike the proxy, the exact slope acts from the first step
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_kill_after_checkpoint_and_resume_gives_the_uninterrupted_metrics(tiny_checkpoint, tmp_path):
+    over = dict(regime="occ", steps=5, save_every=1, eval_every=2, max_new_tokens=24, overlong_buffer=23)
+    straight = train(small_config(tiny_checkpoint, tmp_path / "straight", **over))
+
+    run_dir = tmp_path / "killed"
+    cfg_file = tmp_path / "killed.yaml"
+    cfg_file.write_text(yaml.safe_dump(vars(small_config(tiny_checkpoint, run_dir, **over))))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "mtprl", "train", "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = run_dir / "checkpoints" / "step-00000002" / "COMPLETE"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert marker.exists(), err.decode()[-2000:]
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+
+    resumed = train(small_config(tiny_checkpoint, run_dir, resume="auto", **over))
+    expected = _comparable(read_metrics(straight / "metrics.jsonl"))
+    assert [(r["kind"], r["step"]) for r in expected] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3),
+                                                           ("train", 4), ("eval", 4), ("train", 5), ("eval", 5)]
+    assert _comparable(read_metrics(resumed / "metrics.jsonl")) == expected
