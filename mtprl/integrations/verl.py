@@ -17,18 +17,20 @@ dp_size: exactly what `verl.trainer.ppo.core_algos.agg_loss` does to the main te
 own MTP loss weight `actor_rollout_ref.model.mtp.mtp_loss_scaling_factor` (default 0.1, the
 paper's), or `coef` of `make_policy_loss` for losses you register yourself.
 
-What verl 0.9.1 does not do, and the user must patch (docs/integrations.md gives the code):
+What verl 0.9.1 does not do, and the user must patch (examples/verl_recipe.md gives the code):
 1. No engine computes MTP log-probs for the policy loss. The FSDP engine's `prepare_model_outputs`
    scores only the main head's logits; the Megatron engine turns the MTP logits into its own
    cross-entropy inside the patched `GPTModel._postprocess` (verl/models/mcore/mtp_patch.py).
    The engine must put `model_output["mtp_log_probs"]`: the main `log_probs` layout (nested
    `[bsz, j]` in verl's no-padding mode) with a trailing head dimension K, where entry (i, k) is
    head k's log-prob of token i+1 — the token that `log_probs[i]` scores (verl's rolled labels).
+   `verl_packed_mtp_log_probs` turns `MTPCausalLM.token_log_probs` output into that layout.
 2. `ppo_loss` calls the policy loss with a fixed argument list, so MTP log-probs cannot reach it.
    Set the actor's loss function to `mtp_ppo_loss` (a wrapper that runs verl's own `ppo_loss`
    unchanged and hands the MTP log-probs to our losses) instead of `ppo_loss`.
-And with `mtp.enable_train=True` the Megatron engine also adds its own MTP cross-entropy; switch
-that off (or zero `mtp_loss_scaling_factor` there) so the MTP head is trained by one loss only.
+And with `mtp.enable_train=True` the Megatron engine also adds its own MTP cross-entropy, weighted
+by the same `mtp_loss_scaling_factor`; the recipe's Megatron patch replaces it, so that the MTP head
+is trained by one loss only.
 
 Departures (from the paper's verl patch and from our own trainer):
 - OCC's ĉ is computed per micro-batch on each rank (verl gives the policy loss no process group),
