@@ -1,0 +1,100 @@
+"""`mtprl compare` / `mtprl demo`: a miniature experiment end to end, re-use, and bad settings."""
+
+import json
+import re
+
+import pytest
+
+from mtprl.compare import CompareConfig, DemoConfig, plan_runs, run_compare, run_state
+from mtprl.config import ConfigError, build_config
+from mtprl.model import build_tiny_model, build_tokenizer
+
+REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tok = build_tokenizer()
+    build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0).save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def _mini(base_dir, out, **kw):
+    sets = [f"model={base_dir}", "prompts_per_step=2", "group_size=2", "mini_batches=2", "eval_limit=2",
+            "eval_k=1", "max_new_tokens=8", "exact_every=1", "progress=false", "eval_every=0"]
+    values = {"regimes": REGIMES, "seeds": [0], "steps": 1, "output_dir": str(out), "set": sets, **kw}
+    return build_config(CompareConfig, values)
+
+
+def _final_eval(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "eval"][-1]
+
+
+def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys):
+    cfg = _mini(base_dir, tmp_path / "exp", workers=2)
+    summary = run_compare(cfg)
+    printed = capsys.readouterr().out
+    report = (tmp_path / "exp" / "report" / "report.md").read_text()
+    suites = ["add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"]
+    for regime in REGIMES:
+        assert re.search(rf"^\| ?{regime} ", report, re.M), f"{regime} missing from report.md"
+        assert regime in printed
+        final = _final_eval(tmp_path / "exp" / "runs" / f"{regime}-seed0")
+        for suite in suites:
+            assert suite in report
+            assert summary["accuracy"]["avg@1"][regime][suite]["mean"] == pytest.approx(
+                final[f"eval/{suite}/avg@1"])
+        # accuracy is 0 for an untrained model, so also check a number that is not: the MTP top-1
+        top1 = final["eval/mtp_top1"]
+        assert top1 > 0 and summary["extras"][regime]["eval/mtp_top1"]["mean"] == pytest.approx(top1)
+        assert f"{top1:.3f}" in printed
+    pngs = list((tmp_path / "exp" / "report").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs)
+    # A second call re-uses every finished run instead of training again.
+    again = run_compare(cfg)
+    assert "5 re-used, 0 to run" in capsys.readouterr().out
+    assert again["accuracy"] == summary["accuracy"]
+
+
+def test_changed_settings_on_a_finished_run_are_refused(base_dir, tmp_path):
+    cfg = _mini(base_dir, tmp_path / "exp", regimes=["detach"], workers=1)
+    run_compare(cfg)
+    (name, tc), = plan_runs(cfg)
+    assert run_state(tc) == "done"
+    changed = _mini(base_dir, tmp_path / "exp", regimes=["detach"], mtp_coef=0.5)
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(mtp_coef: 0.1 there, 0.5 now\)"):
+        run_state(plan_runs(changed)[0][1])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"regimes": ["detach", "nope"]}, "unknown regime 'nope'"),
+    ({"seeds": [1, 1]}, "seeds must be one or more distinct integers"),
+    ({"workers": 0}, "workers must be >= 1"),
+    ({"train_config": "/no/such.yaml"}, "train_config '/no/such.yaml' does not exist"),
+    ({"regimes_x": ["occ"]}, "unknown config key 'regimes_x'"),
+])
+def test_bad_compare_settings_fail_fast(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(CompareConfig, values)
+
+
+def test_bad_shared_train_settings_fail_before_any_run(tmp_path):
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "set": ["group_size=1"]})
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        plan_runs(cfg)
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "set": ["regime=occ"]})
+    with pytest.raises(ConfigError, match="'regime' is set per run by compare"):
+        plan_runs(cfg)
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_defaults_cover_the_five_regimes_with_one_seed():
+    cfg = build_config(DemoConfig, {})
+    assert cfg.regimes == REGIMES and cfg.seeds == [0]
+    runs = plan_runs(cfg)
+    assert [tc.regime for _, tc in runs] == REGIMES
+    # identical settings apart from the regime
+    dicts = [{k: v for k, v in vars(tc).items() if k not in ("regime", "output_dir")} for _, tc in runs]
+    assert all(d == dicts[0] for d in dicts)
