@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from transformers import DynamicCache
-
 from mtprl.model import MTPCausalLM
+from mtprl.rollout.cache import SlotCache
 
 COMPACT_FRACTION = 0.25  # drop finished rows once at least this fraction of the batch has finished
 
@@ -28,8 +27,8 @@ class DecodeState:
     mask: torch.Tensor  # [B, S] int64, 1 where a cache slot holds a committed token
     next_pos: torch.Tensor  # [B] position id of `last`
     last: torch.Tensor  # [B] last committed token, not yet fed to the trunk
-    cache: DynamicCache
-    mtp_cache: DynamicCache | None = None
+    cache: SlotCache
+    mtp_cache: SlotCache | None = None
     draft_hidden: torch.Tensor | None = None  # [B, d] MTP depth-1 state at source position next_pos - 1
 
     def select(self, keep: torch.Tensor) -> "DecodeState":
@@ -114,9 +113,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def prefill(model: MTPCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+            ) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
     """Run the trunk over the unique prompts [U, P]: (hidden [U, P, d], position ids [U, P], cache)."""
     pos = model.position_ids(prompt_mask)
-    cache = DynamicCache(config=model.config)
+    cache = SlotCache()
     hidden, cache = model.trunk(prompt_ids, prompt_mask.long(), pos, cache, use_cache=True)
     return hidden, pos, cache

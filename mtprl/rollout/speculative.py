@@ -25,17 +25,16 @@ Departures from MiMo / DeepSeek-V3 multi-layer drafting:
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-
 from mtprl.model import MTPCausalLM
 from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact
+from mtprl.rollout.cache import SlotCache
 from mtprl.rollout.sampling import SamplingParams, draw, greedy_accept, policy_log_probs, speculative_accept
 
 
 def prefill_mtp(model: MTPCausalLM, hidden: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                pos: torch.Tensor) -> DynamicCache:
+                pos: torch.Tensor) -> SlotCache:
     """MTP cache over prompt source slots 0..P-2, whose next token is known (hidden [U, P, d])."""
-    cache = DynamicCache()
+    cache = SlotCache()
     if prompt_ids.shape[1] > 1:
         model.mtp_hidden(0, hidden[:, :-1], prompt_ids[:, 1:], prompt_mask[:, :-1].long(), pos[:, :-1],
                          past_key_values=cache, use_cache=True)
