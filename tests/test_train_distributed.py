@@ -65,6 +65,10 @@ def _worker(out: Path, tiny: Path) -> None:
     accelerator = Accelerator(cpu=True)
     dist = Dist(accelerator)
     assert dist.world == 2
+    # Gradient sums go in buckets (here of at most 5 elements) per dtype; ranks hold x + rank.
+    parts = [torch.arange(3.0) + dist.rank, torch.full((4,), float(dist.rank)), torch.tensor([1, 2]) * (1 + dist.rank)]
+    dist.sum_(parts, bucket_elements=5)
+    assert [p.tolist() for p in parts] == [[1.0, 3.0, 5.0], [1.0] * 4, [3, 6]]
     params, metrics = one_update(dist)
     if dist.is_main:
         save_file(params, out / "params.safetensors")

@@ -111,7 +111,8 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar (step, reward, accuracy, λ)")
     seed: int = opt(0, "seed of prompts, sampling and shuffling: same seed, same run")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: CUDA when available, else CPU")
-    dtype: Literal["float32", "bfloat16"] = opt("float32", "precision of the model weights in training")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "precision of the model weights in training (bfloat16: "
+                                                           "AdamW updates the bf16 weights directly)")
 
     def validate(self) -> None:
         """Reject impossible or inconsistent values with a message naming the field and the fix."""

@@ -7,8 +7,9 @@ summed (not averaged) over workers before the optimiser step. The sum of the sha
 gradient of the whole mini-batch, so N workers take the same step as one process would. We do
 not wrap the model in `DistributedDataParallel`: its hooks expect the module's `forward`, while
 training calls `token_log_probs` and, for the exact diagnostics, `torch.autograd.grad`. The
-process group itself comes from `accelerate` (`accelerate launch`, or any torchrun-style
-environment); with one process every collective is a no-op.
+process group itself comes from `accelerate` (`accelerate launch --multi_gpu`, or any
+torchrun-style environment); with one process every collective is a no-op. Sharded training
+(FSDP, DeepSpeed ZeRO) is not supported: a launch configured for it is refused with a message.
 """
 
 from __future__ import annotations
@@ -17,11 +18,18 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate modes that shard the model: not supported
+
 
 class Dist:
     """Rank, world size and collectives; built from an `accelerate.Accelerator` (or defaults: 1 process)."""
 
     def __init__(self, accelerator=None):
+        kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
+        if kind in SHARDED:
+            raise RuntimeError(f"accelerate is configured for {kind}, which `mtprl train` does not support: it trains "
+                               "data-parallel with a full copy of the model per worker (DDP maths). Launch with "
+                               "`accelerate launch --multi_gpu --num_processes N` instead")
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -41,18 +49,23 @@ class Dist:
         start = rank * base + min(rank, extra)
         return slice(start, start + base + (1 if rank < extra else 0))
 
-    def sum_(self, tensors: list[Tensor]) -> None:
-        """Sum each tensor over workers, in place, with one collective per dtype."""
+    def sum_(self, tensors: list[Tensor], bucket_elements: int = 1 << 26) -> None:
+        """Sum each tensor over workers, in place, in flat buckets of at most ~`bucket_elements` per dtype."""
         if self.world == 1 or not tensors:
             return
-        for dtype in {t.dtype for t in tensors}:
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
             group = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.reshape(-1) for t in group])
-            torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
-            offset = 0
-            for t in group:
-                t.copy_(flat[offset: offset + t.numel()].view_as(t))
-                offset += t.numel()
+            while group:
+                bucket, size = [], 0
+                while group and (not bucket or size + group[0].numel() <= bucket_elements):
+                    bucket.append(group.pop(0))
+                    size += bucket[-1].numel()
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     def mean_values(self, values: dict[str, float]) -> dict[str, float]:
         """Average a dict of floats over workers (every worker must hold the same keys)."""

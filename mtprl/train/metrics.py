@@ -51,7 +51,7 @@ class MetricsLog:
         self._handle = path.open("a") if enabled else None
 
     def log(self, kind: str, step: int, time: float, values: dict[str, float]) -> dict[str, Any]:
-        """Write one record and forward `values` to the tracker under `kind/`-free keys; returns the record."""
+        """Write one record (and send its finite values to the tracker, if any); returns the record."""
         record = {"kind": kind, "step": int(step), "time": round(float(time), 3)}
         record.update({k: _clean(float(v)) for k, v in values.items()})
         if self._handle is not None:
