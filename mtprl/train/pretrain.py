@@ -141,7 +141,7 @@ def train_base(cfg: PretrainConfig) -> tuple[MTPCausalLM, object, dict]:
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
     data = trace_batches(tokenizer, cfg.seed, cfg.batch_size, cfg.families, cfg.difficulties,
                          cfg.imperfect_fraction, cfg.suite_seed, cfg.suite_size)
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, tokens, smooth, start = [], 0, None, time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not cfg.progress, mininterval=1.0, dynamic_ncols=True)
     for step in bar:
         batch = next(data)
@@ -156,12 +156,20 @@ def train_base(cfg: PretrainConfig) -> tuple[MTPCausalLM, object, dict]:
         schedule.step()
         losses.append(metrics["loss"])
         tokens += batch.num_tokens
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", mtp=f"{metrics.get('mtp1_nll', 0.0):.3f}",
+        smooth = metrics["loss"] if smooth is None else 0.95 * smooth + 0.05 * metrics["loss"]  # batches vary by family
+        bar.set_postfix(loss=f"{smooth:.3f}", mtp=f"{metrics.get('mtp1_nll', 0.0):.3f}",
                         tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
     elapsed = time.perf_counter() - start
     stats = {"train_time_s": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
              "loss_history": losses, "final_metrics": metrics}
     return model.eval(), tokenizer, stats
+
+
+def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """[last step of the window, mean loss over the window] for about `points` equal windows."""
+    width = max(1, len(losses) // points)
+    return [[min(i + width, len(losses)), sum(losses[i: i + width]) / len(losses[i: i + width])]
+            for i in range(0, len(losses), width)]
 
 
 def parameter_counts(model: MTPCausalLM) -> dict[str, int]:
@@ -172,7 +180,7 @@ def parameter_counts(model: MTPCausalLM) -> dict[str, int]:
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path) -> dict:
     """Train, evaluate on the suites, and write checkpoint + tokenizer + summary.json to `out_dir`."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -193,15 +201,17 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path) -> dict:
         **results,
         "parameters": parameter_counts(model),
         "wall_time_s": time.perf_counter() - start,
+        "cpu_time_s": time.process_time() - cpu_start,  # all threads; the honest figure on a busy machine
         "train_time_s": stats["train_time_s"],
         "eval_time_s": eval_time,
         "tokens": stats["tokens"],
         "tokens_per_s": stats["tokens_per_s"],
         "loss_first": stats["loss_history"][0],
         "loss_last": stats["loss_history"][-1],
+        "loss_curve": loss_curve(stats["loss_history"]),
         "final_metrics": stats["final_metrics"],
         "threads": threads,
-        "eval_decoding": "greedy, transformers generate on the base model",
+        "eval_decoding": "greedy (mtprl.rollout.generate, temperature 0)",
         "mtprl_version": __version__,
         "config": config_to_dict(cfg),
     }
@@ -270,7 +280,8 @@ def format_summary(summary: dict, directory: Path) -> str:
     lines.append(f"MTP teacher-forced top-1 agreement per depth: {agreement}")
     lines.append(f"parameters: {params['shared']:,} shared + {params['mtp']:,} MTP; loss {summary['loss_first']:.3f} "
                  f"-> {summary['loss_last']:.3f}; {summary['tokens_per_s']:.0f} tokens/s on {summary['threads']} "
-                 f"thread(s); wall time {summary['wall_time_s']:.0f}s (eval {summary['eval_time_s']:.0f}s)")
+                 f"thread(s); wall time {summary['wall_time_s']:.0f}s (eval {summary['eval_time_s']:.0f}s), "
+                 f"CPU time {summary['cpu_time_s']:.0f}s")
     lines.append(f"checkpoint: {directory}")
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """Evaluation of a pre-trained base: greedy pass@1 on the held-out suites, MTP agreement.
 
 pass@1 is the share of problems whose greedy completion earns reward 1 from the problem's own
-task family. Greedy decoding uses Hugging Face `generate` on the base model (left padding,
-positions counted over real tokens, as `MTPCausalLM` trains); the MTP layers play no part.
+task family. Greedy decoding uses the rollout engine (`mtprl.rollout.generate`, temperature 0,
+no drafting), the same code that samples during RL.
 The MTP agreement is teacher-forced: on the reference solutions, the share of solution tokens
 that depth k's argmax predicts exactly (`LogProbs.mtp_top1`).
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import GenerationConfig
-
+from mtprl.rollout import SamplingParams, generate
 from mtprl.tasks import Problem, get_task
 from mtprl.train.pretrain_data import encode_batch
 
@@ -23,15 +22,13 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     """The greedy continuation of each prompt up to <eos> or `max_new_tokens`, special tokens dropped."""
     was_training = model.training
     model.eval()
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[start: start + batch_size]), padding=True, padding_side="left",
-                        return_tensors="pt")
-        ids = model.base.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                  generation_config=config)  # [B, P + new]
-        out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        ids = [tokenizer(p)["input_ids"] for p in prompts[start: start + batch_size]]
+        rollout = generate(model, ids, params, eos_token_id=tokenizer.eos_token_id)
+        out.extend(tokenizer.decode(row[mask], skip_special_tokens=True)
+                   for row, mask in zip(rollout.response_ids, rollout.response_mask))  # [R] each
     model.train(was_training)
     return out
 

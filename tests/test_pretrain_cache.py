@@ -1,0 +1,79 @@
+"""The base-model cache: keys, atomic writes, reuse, and the `mtprl pretrain` command end to end."""
+
+import json
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from mtprl.cli import main
+from mtprl.config import build_config
+from mtprl.model import MTPCausalLM, build_tokenizer
+from mtprl.train import pretrain as pretrain_module
+from mtprl.train.pretrain import PretrainConfig, base_model_dir, cache_key, ensure_base_model, load_summary
+
+TINY = dict(steps=6, batch_size=8, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+            suite_size=4, progress=False, threads=1)
+
+
+def make(**override):
+    return build_config(PretrainConfig, {**TINY, **override})
+
+
+def test_cache_key_depends_on_weight_fields_only():
+    base = cache_key(make())
+    assert cache_key(make()) == base
+    for field, value in [("seed", 1), ("steps", 7), ("imperfect_fraction", 0.5), ("suite_seed", 3), ("lr", 1e-3)]:
+        assert cache_key(make(**{field: value})) != base, field
+    for field, value in [("threads", 2), ("progress", True), ("eval_batch_size", 8), ("cache_dir", "/x"),
+                         ("out_dir", "/y")]:
+        assert cache_key(make(**{field: value})) == base, field
+
+
+def test_cache_root_from_env_and_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPRL_CACHE", str(tmp_path / "env"))
+    assert base_model_dir(make()) == tmp_path / "env" / "base" / cache_key(make())
+    assert base_model_dir(make(cache_dir=str(tmp_path / "cfg"))).parent == tmp_path / "cfg" / "base"
+
+
+def test_interrupted_pretraining_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    def crash(cfg, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_module, "pretrain", crash)
+    cfg = make(cache_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        ensure_base_model(cfg)
+    assert not base_model_dir(cfg).exists()
+    assert list((tmp_path / "base").iterdir()) == []  # the temporary directory is gone too
+
+
+def test_pretrain_command_writes_and_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
+    args = ["pretrain", "--cache-dir", str(tmp_path), "--steps", "6", "--batch-size", "8", "--hidden-size", "32",
+            "--num-layers", "1", "--num-heads", "2", "--num-kv-heads", "1", "--suite-size", "4", "--no-progress",
+            "--threads", "1", "--out-dir", str(tmp_path / "copy")]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    directory = base_model_dir(make(cache_dir=str(tmp_path)))
+    summary = load_summary(directory)
+    assert set(summary["pass_at_1"]) == {"add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"}
+    assert len(summary["mtp_top1_agreement"]) == 1
+    assert summary["parameters"]["total"] == summary["parameters"]["shared"] + summary["parameters"]["mtp"] > 0
+    assert summary["cache_key"] == directory.name and "add-hard" in first
+    model = MTPCausalLM.from_pretrained(directory)
+    assert model.num_mtp == 1
+    # The saved char-level tokenizer encodes prompts as the in-memory one does (trailing newline included).
+    # AutoTokenizer would not: for model_type qwen2, transformers 5 forces Qwen2Tokenizer's byte-level split.
+    saved = PreTrainedTokenizerFast.from_pretrained(directory)
+    assert saved(" 12+3=?\n")["input_ids"] == build_tokenizer()(" 12+3=?\n")["input_ids"]
+    assert saved(" 12+3=?\n")["input_ids"][-1] == 3  # "\n"
+    assert json.loads((tmp_path / "copy" / "summary.json").read_text()) == summary
+
+    def must_not_train(*_args, **_kwargs):
+        raise AssertionError("the cached base should have been reused")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", must_not_train)
+    assert main(args) == 0
+    assert "reusing the cached base" in capsys.readouterr().out
+    assert ensure_base_model(make(cache_dir=str(tmp_path))) == directory
