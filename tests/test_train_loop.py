@@ -130,3 +130,24 @@ def test_kill_after_checkpoint_and_resume_gives_the_uninterrupted_metrics(tiny_c
     assert [(r["kind"], r["step"]) for r in expected] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3),
                                                            ("train", 4), ("eval", 4), ("train", 5), ("eval", 5)]
     assert _comparable(read_metrics(resumed / "metrics.jsonl")) == expected
+
+
+def test_math_data_file_trains_and_evaluates(tiny_checkpoint, tmp_path):
+    """--data (a MathTask from JSONL) and --eval-data (one suite per file, named by its stem)."""
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "mini-gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    cfg = small_config(tiny_checkpoint, tmp_path / "run", data=str(data), eval_data=[str(held_out)], eval_suites=[],
+                       steps=1, max_prompt_tokens=24, exact_every=0)
+    records = read_metrics(train(cfg) / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("eval", 1)]
+    assert {"eval/mini-gsm/avg@2", "eval/mini-gsm/greedy", "eval/avg/greedy"} <= records[1].keys()
+    assert records[0]["acc"] == 0.0  # a random model does not solve them; the rewards come from math-verify
+
+
+def test_drafting_rollouts_log_acceptance(tiny_checkpoint, tmp_path):
+    cfg = small_config(tiny_checkpoint, tmp_path / "run", regime="policy", draft_tokens=2, steps=1, exact_every=0)
+    train_record, eval_record = read_metrics(train(cfg) / "metrics.jsonl")
+    assert 0.0 < train_record["rollout/accept_rate"] <= 1.0 and "rollout/accept_rate/1" in train_record
+    assert 0.0 <= eval_record["eval/mtp_accept"] <= 1.0 and "eval/mtp_top1" not in eval_record

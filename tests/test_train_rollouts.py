@@ -3,7 +3,7 @@
 import torch
 
 from mtprl.train.batch import TrainBatch, derive_seed, minibatch_rows
-from mtprl.train.data import ProblemStream, build_problems
+from mtprl.train.data import ProblemStream, build_problems, encode_prompts
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 from mtprl.train.rollouts import mixed_groups, overlong_penalty, select_groups
@@ -39,6 +39,21 @@ def test_problem_stream_resumes_at_its_position():
     assert stream.take(2) == [4, 5]
     stream.seek(1)  # going back restarts the stream
     assert stream.take(1) == [1]
+
+
+def test_prompts_encode_with_specials_or_chat_template_and_keep_their_end():
+    from mtprl.model import build_tokenizer
+    from mtprl.tasks import Problem
+
+    tok = build_tokenizer()
+    problem = Problem(prompt="12+3=?\n", answer="15", solution="", family="add", difficulty=1)
+    (ids,) = encode_prompts(tok, [problem], chat_template=False, max_tokens=100)
+    assert ids == tok("12+3=?\n")["input_ids"] and ids[0] == tok.bos_token_id
+    (cut,) = encode_prompts(tok, [problem], chat_template=False, max_tokens=3)
+    assert cut == ids[-3:]  # long prompts keep their last tokens
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    (chat,) = encode_prompts(tok, [problem], chat_template=True, max_tokens=100)
+    assert tok.decode(chat) == "[12+3=?\n]>"
 
 
 def test_shares_cover_the_rows_once():

@@ -79,8 +79,7 @@ def encode_prompts(tokenizer, problems: list[Problem], chat_template: bool, max_
     for problem in problems:
         if chat_template:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}],
-                                                add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+                                                add_generation_prompt=True, tokenize=True, return_dict=False)
         else:
             ids = tokenizer(problem.prompt)["input_ids"]
         out.append(list(ids)[-max_tokens:])
