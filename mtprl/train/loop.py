@@ -71,6 +71,16 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return None
 
 
+def _check_world(cfg: TrainConfig, world: int) -> None:
+    """Every worker needs at least one prompt, one eval problem and one row of every mini-batch."""
+    rows = cfg.prompts_per_step * cfg.group_size // cfg.mini_batches
+    for name, value in (("prompts_per_step", cfg.prompts_per_step), ("eval_limit", cfg.eval_limit),
+                        ("rows per mini-batch (prompts_per_step × group_size / mini_batches)", rows)):
+        if value < world:
+            raise ConfigError(f"{name} is {value} but there are {world} workers; each needs at least one, so raise "
+                              "it or launch fewer processes")
+
+
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, dist: Dist) -> None:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +144,7 @@ def _start(cfg: TrainConfig) -> tuple[Run, int]:
     resume_from = _resume_point(cfg, run_dir)
     accelerator = _accelerator(cfg, run_dir)
     dist = Dist(accelerator)
+    _check_world(cfg, dist.world)
     _prepare_run_dir(cfg, run_dir, resume_from, dist)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
     base = base_model_path(cfg)
