@@ -8,7 +8,7 @@ from mtprl.rollout import SamplingParams, generate, speculative
 from mtprl.rollout.batch import DecodeState
 
 TOK = build_tokenizer()
-PROMPTS = [TOK.encode("hello world"), TOK.encode("ab"), TOK.encode("12+7="), TOK.encode("x")]
+PROMPTS = [TOK.encode("hello world"), TOK.encode("ab"), TOK.encode("12+7="), TOK.encode("x"), [TOK.bos_token_id]]
 
 
 def reinit(model, std: float, seed: int = 0):
@@ -195,11 +195,22 @@ def test_sampled_rows_stop_at_eos_and_finished_rows_leave_the_batch(model, monke
         assert int((resp == eos).sum()) == (1 if s else 0)  # no EOS before the end
         assert (resp[-1] == eos) == s and (s or out.lengths[i] == 40)
     assert (teacher_forced(model, out) - out.log_probs).abs().max().item() <= 1e-4
-    # the batch of 32 rows shrank at least twice, each time to at most 3/4 of its size
-    assert len(sizes) >= 2 and sizes[0] <= 24 and all(b <= 0.75 * a for a, b in zip(sizes, sizes[1:]))
+    # the batch of 40 rows shrank at least twice, each time to at most 3/4 of its size
+    assert len(sizes) >= 2 and sizes[0] <= 30 and all(b <= 0.75 * a for a, b in zip(sizes, sizes[1:]))
 
 
 # ----- contract ---------------------------------------------------------------------------------
+def test_generate_runs_in_eval_mode_and_restores_the_mode(model):
+    model.train()
+    try:
+        train_mode = generate(model, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0))
+        assert model.training
+    finally:
+        model.eval()
+    assert torch.equal(train_mode.response_ids, generate(model, PROMPTS, SamplingParams(max_new_tokens=6,
+                                                                                      temperature=0)).response_ids)
+
+
 def test_rollout_layout_and_reproducibility(model):
     params = SamplingParams(max_new_tokens=10, n=3, draft_tokens=2)
     a = generate(model, PROMPTS[:2], params, generator=torch.Generator().manual_seed(5))
@@ -208,6 +219,7 @@ def test_rollout_layout_and_reproducibility(model):
     assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert a.prompt_ids.shape == (6, len(PROMPTS[0])) and a.prompt_mask.dtype == torch.bool
     assert torch.equal(a.prompt_ids[3, -3:], torch.tensor(PROMPTS[1]))
+    assert a.response_ids.is_contiguous() and a.log_probs.is_contiguous()
     assert a.prompt_ids[3, 0] == TOK.pad_token_id and not a.prompt_mask[3, 0]
     assert a.response_mask.dtype == torch.bool and a.log_probs.dtype == torch.float32
     assert a.finish_reasons == ["length"] * 6 and a.lengths.tolist() == [10] * 6

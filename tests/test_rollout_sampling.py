@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtprl.rollout import SamplingParams, filtered_log_probs, greedy_accept, speculative_accept
+from mtprl.rollout.sampling import sample_categorical
 
 LOGITS = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # softmax = [0.1, 0.2, 0.3, 0.4]
 
@@ -43,6 +44,23 @@ def test_filtered_log_probs_batched_rows_independent():
     logits = torch.stack([LOGITS, LOGITS.flip(0)])  # [2, V]
     probs = filtered_log_probs(logits, 1.0, top_k=1).exp()
     assert torch.equal(probs, torch.tensor([[0.0, 0, 0, 1], [1.0, 0, 0, 0]]))
+
+
+def test_sample_categorical_frequencies_and_zero_mass():
+    # unnormalised weights [2, 0, 6, 0, 2] -> probabilities [0.2, 0, 0.6, 0, 0.2]; 100k draws
+    # per row, sd of a frequency <= 0.0016; zero-weight tokens never come out.
+    weights = torch.tensor([[2.0, 0, 6, 0, 2], [0.0, 0, 0, 0, 1]]).repeat_interleave(100_000, 0)
+    draws = sample_categorical(weights, torch.Generator().manual_seed(0)).view(2, -1)
+    freq = torch.stack([torch.bincount(d, minlength=5) for d in draws]).float() / 100_000
+    assert torch.allclose(freq[0], torch.tensor([0.2, 0, 0.6, 0, 0.2]), atol=0.008)
+    assert freq[0, 1] == 0 and freq[0, 3] == 0 and freq[1, 4] == 1
+
+
+def test_sample_categorical_is_reproducible_with_a_generator():
+    probs = torch.softmax(torch.randn(64, 10, generator=torch.Generator().manual_seed(1)), -1)
+    a = sample_categorical(probs, torch.Generator().manual_seed(7))
+    b = sample_categorical(probs, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.shape == (64,) and a.dtype == torch.long
 
 
 def test_greedy_accept_counts_leading_matches():

@@ -6,17 +6,42 @@ committed tokens. Left padding and rejected draft slots stay in the caches as ma
 (speculative rows accept different numbers of drafts), and positions are counted over committed
 tokens only, so a hole changes nothing downstream. Rows that have finished are dropped from the
 batch (and from every cache) once a quarter of the batch has finished.
+
+Multi-token forwards (prefill, verification) with a padding mask make `transformers`' SDPA path
+copy every key / value head once per query head group (`repeat_kv`); on CPU, `enable_gqa=True`
+is 2-3x faster for that call, so `grouped_query_sdpa` switches it on around those forwards
+(single-token decoding keeps transformers' own, faster, path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import torch
 from mtprl.model import MTPCausalLM
 from mtprl.rollout.cache import SlotCache
 
 COMPACT_FRACTION = 0.25  # drop finished rows once at least this fraction of the batch has finished
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention on every call
+
+
+@contextlib.contextmanager
+def grouped_query_sdpa(device: torch.device):
+    """While open, transformers' SDPA attention passes enable_gqa=True on CPU (restored on exit)."""
+    if device.type != "cpu" or os.environ.get(_FORCE_GQA) == "1":
+        yield
+        return
+    previous = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_GQA]
+        else:
+            os.environ[_FORCE_GQA] = previous
 
 
 @dataclasses.dataclass
@@ -116,6 +141,6 @@ def prefill(model: MTPCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
             ) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
     """Run the trunk over the unique prompts [U, P]: (hidden [U, P, d], position ids [U, P], cache)."""
     pos = model.position_ids(prompt_mask)
-    cache = SlotCache()
-    hidden, cache = model.trunk(prompt_ids, prompt_mask.long(), pos, cache, use_cache=True)
+    with grouped_query_sdpa(model.device):
+        hidden, cache = model.trunk(prompt_ids, prompt_mask.long(), pos, SlotCache(), use_cache=True)
     return hidden, pos, cache

@@ -3,8 +3,15 @@
 The engine deals in token ids only (no text, no rewards). `generate` left-pads the prompts, runs
 the trunk once per distinct prompt and copies its cache to the prompt's n samples, then decodes
 one token per step (or, with `draft_tokens` = D > 0, up to D+1 tokens per verify step, see
-speculative.py), dropping finished rows from the batch as it goes. Runs under `torch.no_grad()`
-(not inference mode, so the returned tensors can enter a training forward).
+speculative.py), dropping finished rows from the batch as it goes. Runs in eval mode (the
+model's mode is restored afterwards) under `torch.no_grad()` — not inference mode, so the
+returned tensors can enter a training forward.
+
+Metrics: "rollout/tokens_per_s" counts response tokens over the whole call (prefill included);
+"rollout/verify_steps" counts batched main-model decode forwards after the prefill;
+"rollout/accept_rate/{d}" is the fraction of (row, verify step) pairs whose draft d was
+accepted (it needs drafts 0..d-1 accepted too, as in vLLM), "rollout/mean_accepted" their sum
+(accepted drafts per row and verify step) and "rollout/accept_rate" that sum over D.
 """
 
 from __future__ import annotations
@@ -42,23 +49,28 @@ def generate(model: MTPCausalLM, prompts: list[list[int]], params: SamplingParam
     stop_ids = list(params.stop_token_ids) + ([eos_token_id] if eos_token_id is not None else [])
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     n, num_rows = params.n, len(prompts) * params.n
+    was_training = model.training
     started = time.perf_counter()
-    with torch.no_grad():
-        prompt_ids, prompt_mask = left_pad(prompts, pad_id, model.device)  # [U, P]
-        buffer = ResponseBuffer(num_rows, params.max_new_tokens, stop_ids, pad_id, model.device)
-        state = start(model, prompt_ids, prompt_mask, params, buffer, generator)
-        if params.draft_tokens:
-            metrics = speculative.decode(model, state, buffer, params, generator)
-        else:
-            metrics = decode(model, state, buffer, params, generator)
+    try:
+        model.eval()
+        with torch.no_grad():
+            prompt_ids, prompt_mask = left_pad(prompts, pad_id, model.device)  # [U, P]
+            buffer = ResponseBuffer(num_rows, params.max_new_tokens, stop_ids, pad_id, model.device)
+            state = start(model, prompt_ids, prompt_mask, params, buffer, generator)
+            if params.draft_tokens:
+                metrics = speculative.decode(model, state, buffer, params, generator)
+            else:
+                metrics = decode(model, state, buffer, params, generator)
+    finally:
+        model.train(was_training)
     elapsed = time.perf_counter() - started
     width = max(int(buffer.lengths.max()), 1)
     response_mask = torch.arange(width, device=model.device) < buffer.lengths[:, None]
     metrics["rollout/tokens_per_s"] = float(buffer.lengths.sum()) / max(elapsed, 1e-9)
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(n, 0), prompt_mask=prompt_mask.repeat_interleave(n, 0),
-        response_ids=buffer.ids[:, :width], response_mask=response_mask,
-        log_probs=buffer.log_probs[:, :width] * response_mask, lengths=buffer.lengths,
+        response_ids=buffer.ids[:, :width].clone(), response_mask=response_mask,
+        log_probs=buffer.log_probs[:, :width].clone(), lengths=buffer.lengths,
         finish_reasons=buffer.finish_reasons(),
         prompt_index=torch.arange(len(prompts), device=model.device).repeat_interleave(n), metrics=metrics,
     )

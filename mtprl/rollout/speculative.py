@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 from mtprl.model import MTPCausalLM
-from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact
+from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact, grouped_query_sdpa
 from mtprl.rollout.cache import SlotCache
 from mtprl.rollout.sampling import SamplingParams, draw, greedy_accept, policy_log_probs, speculative_accept
 
@@ -36,8 +36,9 @@ def prefill_mtp(model: MTPCausalLM, hidden: torch.Tensor, prompt_ids: torch.Tens
     """MTP cache over prompt source slots 0..P-2, whose next token is known (hidden [U, P, d])."""
     cache = SlotCache()
     if prompt_ids.shape[1] > 1:
-        model.mtp_hidden(0, hidden[:, :-1], prompt_ids[:, 1:], prompt_mask[:, :-1].long(), pos[:, :-1],
-                         past_key_values=cache, use_cache=True)
+        with grouped_query_sdpa(model.device):
+            model.mtp_hidden(0, hidden[:, :-1], prompt_ids[:, 1:], prompt_mask[:, :-1].long(), pos[:, :-1],
+                             past_key_values=cache, use_cache=True)
     return cache
 
 
@@ -105,9 +106,10 @@ def decode(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, param
     D = params.draft_tokens
     accepted = torch.zeros(D, dtype=torch.long, device=state.mask.device)
     steps = rows_verified = 0
-    while (state := compact(state, buffer)) is not None:
-        rows_verified += verify_step(model, state, buffer, params, generator, accepted)
-        steps += 1
+    with grouped_query_sdpa(model.device):
+        while (state := compact(state, buffer)) is not None:
+            rows_verified += verify_step(model, state, buffer, params, generator, accepted)
+            steps += 1
     per_depth = (accepted.double() / max(rows_verified, 1)).tolist()
     metrics = {f"rollout/accept_rate/{d}": per_depth[d] for d in range(D)}
     metrics["rollout/mean_accepted"] = sum(per_depth)
