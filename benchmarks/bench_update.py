@@ -120,7 +120,8 @@ def main() -> None:
     for a, b, target in (("occ", "policy", 1.02), ("occ", "detach", 1.10)):
         print(f"  {a}/{b} = {med[a] / med[b]:.3f} (medians), {low[a] / low[b]:.3f} (minima)   target <= {target}")
     proxy = time_proxy(base, batch, device)
-    print(f"  proxy ĉ alone: {proxy * 1e3:.2f} ms per update = {proxy / med['policy'] * 100:.2f}% of the policy update")
+    share = proxy / med["policy"] * 100
+    print(f"  proxy ĉ alone: {proxy * 1e3:.2f} ms per update = {share:.2f}% of the policy update")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _cli_error(capsys, argv: list[str]) -> str:
 
 @pytest.mark.parametrize("argv, message", [
     (["--group-size", "1"], "group_size must be >= 2"),
-    (["--mini-batches", "3"], "mini_batches (3) must divide the rollout batch prompts_per_step × group_size = 16 × 8"),
+    (["--mini-batches", "3"], "mini_batches (3) must divide the rollout batch prompts_per_step × group_size = 16"),
     (["--lr", "-0.1"], "lr must be >= 0"),
     (["--regime", "sideways"], "invalid choice: 'sideways'"),
     (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),

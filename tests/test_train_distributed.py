@@ -95,9 +95,9 @@ def test_two_processes_take_the_one_process_step(tmp_path):
     tok = build_tokenizer()
     build_tiny_model(tok, num_mtp_layers=1, seed=0, **SMALL).save_pretrained(tiny, tokenizer=tok)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           __file__, str(tmp_path), str(tiny)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), __file__, str(tmp_path), str(tiny)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

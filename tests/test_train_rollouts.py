@@ -51,7 +51,8 @@ def test_prompts_encode_with_specials_or_chat_template_and_keep_their_end():
     assert ids == tok("12+3=?\n")["input_ids"] and ids[0] == tok.bos_token_id
     (cut,) = encode_prompts(tok, [problem], chat_template=False, max_tokens=3)
     assert cut == ids[-3:]  # long prompts keep their last tokens
-    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    tok.chat_template = ("{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                         "{% if add_generation_prompt %}>{% endif %}")
     (chat,) = encode_prompts(tok, [problem], chat_template=True, max_tokens=100)
     assert tok.decode(chat) == "[12+3=?\n]>"
 

@@ -11,7 +11,8 @@ from mtprl.train.batch import TrainBatch, head_masks, response_log_probs
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 from mtprl.train.update import (
-    Counts, accumulate_gradients, build_optimizer, configure_regime, microbatch_loss, minibatch_update, prepare_log_probs, train_on_batch,
+    Counts, accumulate_gradients, build_optimizer, configure_regime, microbatch_loss, minibatch_update,
+    prepare_log_probs, train_on_batch,
 )
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -142,7 +143,7 @@ def test_occ_lambda_is_zero_on_the_first_mini_batch_only(base_model):
 
 
 def test_occ_exact_uses_the_exact_slope(base_model):
-    """occ-exact's ĉ is ⟨g_RL, g_MTP⟩ / (‖g_MTP‖² + ε) on the shared parameters, as computed independently."""
+    """occ-exact's ĉ is ⟨g_RL, g_MTP⟩ / (‖g_MTP‖² + ε) on the shared parameters, computed independently."""
     cfg = make_config("occ-exact")
     model = fresh(base_model, "occ-exact")
     batch = make_batch(num_heads=1)

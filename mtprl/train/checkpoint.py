@@ -112,7 +112,8 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
     if dist.is_main:
         model.save_pretrained(tmp / "model", tokenizer=tokenizer)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        _write_json(tmp / "trainer_state.json", {**state, "scheduler": scheduler.state_dict(), "world_size": dist.world})
+        full_state = {**state, "scheduler": scheduler.state_dict(), "world_size": dist.world}
+        _write_json(tmp / "trainer_state.json", full_state)
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of this step from before a resume to an earlier one
             shutil.rmtree(final)

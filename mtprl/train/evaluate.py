@@ -51,8 +51,8 @@ def evaluate(model, tokenizer, suites: dict, reward_fn: RewardFn, cfg, step: int
     for name, problems in suites.items():
         prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
         seed = derive_seed("eval", cfg.seed, step, name)
-        sampled, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, k, cfg.eval_temperature),
-                                                seed, dist)
+        params = sampling_params(cfg, k, cfg.eval_temperature)
+        sampled, texts, share = generate_shared(model, tokenizer, prompts, params, seed, dist)
         out[f"eval/{name}/avg@{k}"] = _accuracy(sampled, texts, problems, share, reward_fn, dist)
         greedy, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, 1, 0.0), seed, dist)
         out[f"eval/{name}/greedy"] = _accuracy(greedy, texts, problems, share, reward_fn, dist)

@@ -24,12 +24,12 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from mtprl.losses import gradient_alignment, kl_loss, mtp_head_losses, mtp_loss, occ_coefficient, policy_loss, valid_counts
+from mtprl.losses import (
+    gradient_alignment, kl_loss, mtp_head_losses, mtp_loss, occ_coefficient, policy_loss, valid_counts,
+)
 from mtprl.train.batch import TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms
-
-FIXED_LAMBDA = ("detach", "ce", "policy")
 
 
 @dataclasses.dataclass(frozen=True)
