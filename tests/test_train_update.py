@@ -180,3 +180,15 @@ def test_exact_terms_do_not_change_the_update(base_model, regime):
     # The probe is the policy-form MTP loss even under detach, so it does reach the shared parameters.
     assert exact["exact/0/g_mtp_sq"] > 0 and -1.0 <= exact["exact/0/cos"] <= 1.0
     assert exact["exact/0/slope"] == pytest.approx(exact["exact/0/dot"] / (exact["exact/0/g_mtp_sq"] + 1e-8), rel=1e-6)
+
+
+def test_kl_loss_to_the_frozen_reference(base_model):
+    cfg = make_config("policy", kl_coef=0.5, mini_batches=2, micro_batch_size=8)
+    model, reference = fresh(base_model, "policy"), fresh(base_model, "policy").requires_grad_(False)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    batch = make_batch(num_heads=1)
+    prepare_log_probs(model, reference, batch, cfg, step=1, dist=Dist())
+    assert torch.equal(batch.ref_log_probs, batch.old_log_probs)  # the run starts at the reference
+    metrics = train_on_batch(model, optimizer, scheduler, batch, cfg, step=1, dist=Dist())
+    # k3 = exp(−x) + x − 1 >= 0 with x = ℓ − ℓ_ref: 0 on the first mini-batch, > 0 once the policy moved.
+    assert metrics["kl/loss"] > 0 and all(p.grad is None for p in reference.parameters())
