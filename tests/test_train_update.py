@@ -192,3 +192,22 @@ def test_kl_loss_to_the_frozen_reference(base_model):
     metrics = train_on_batch(model, optimizer, scheduler, batch, cfg, step=1, dist=Dist())
     # k3 = exp(−x) + x − 1 >= 0 with x = ℓ − ℓ_ref: 0 on the first mini-batch, > 0 once the policy moved.
     assert metrics["kl/loss"] > 0 and all(p.grad is None for p in reference.parameters())
+
+
+@pytest.mark.parametrize("regime", ["occ-exact", "ce"])
+def test_two_heads_each_get_their_own_lambda_and_exact_terms(regime):
+    model = build_tiny_model(build_tokenizer(), num_mtp_layers=2, seed=4, **SMALL).eval()
+    configure_regime(model, regime)
+    cfg = make_config(regime, mini_batches=2, micro_batch_size=8)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    batch = make_batch(num_heads=2)
+    prepare_log_probs(model, None, batch, cfg, step=1, dist=Dist())
+    metrics = train_on_batch(model, optimizer, scheduler, batch, cfg, step=1, dist=Dist(), exact=True)
+    for k in (0, 1):
+        keys = {f"mtp/{k}/lambda", f"mtp/{k}/lambda_first", f"mtp/{k}/c_hat", f"mtp/{k}/loss", f"mtp/{k}/top1",
+                f"exact/{k}/slope", f"exact/{k}/cos"}
+        assert keys <= metrics.keys() and all(torch.isfinite(torch.tensor(metrics[key])) for key in keys)
+    if regime == "ce":  # fixed λ_k = λ₀ / K = 0.5 / 2
+        assert metrics["mtp/0/lambda"] == metrics["mtp/1/lambda"] == pytest.approx(0.25)
+    else:
+        assert metrics["mtp/0/lambda"] != metrics["mtp/1/lambda"]
