@@ -80,14 +80,14 @@ def test_modexpr_trace_by_hand():
     tree = ["-", ["*", ["+", 3, 5], 4], 2]
     assert render(tree) == "(3+5)*4-2"
     lines, value = evaluation_lines(tree, 7)
-    assert lines == ["=1*4-2", "=4-2", "=2"] and value == 2
+    assert lines == ["3+5=1 -> 1*4-2", "1*4=4 -> 4-2", "4-2=2 -> 2"] and value == 2
     # right operand of equal precedence keeps its brackets: 6-(2-5) = 6-4 = 2 (2-5=-3=4 mod 7).
     tree = ["-", 6, ["-", 2, 5]]
     assert render(tree) == "6-(2-5)"
-    assert evaluation_lines(tree, 7) == (["=6-4", "=2"], 2)
+    assert evaluation_lines(tree, 7) == (["2-5=4 -> 6-4", "6-4=2 -> 2"], 2)
     # leftmost ready operation first: 2*3+4*5 -> 6+4*5 -> 6+6 -> 5 (20=6, 12=5 mod 7).
     tree = ["+", ["*", 2, 3], ["*", 4, 5]]
-    assert evaluation_lines(tree, 7) == (["=6+4*5", "=6+6", "=5"], 5)
+    assert evaluation_lines(tree, 7) == (["2*3=6 -> 6+4*5", "4*5=6 -> 6+6", "6+6=5 -> 5"], 5)
 
 
 def test_sort_trace_by_hand():

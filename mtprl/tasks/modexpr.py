@@ -1,14 +1,17 @@
 """Family "expr": evaluate a small arithmetic expression modulo a prime, one operation per line.
 
 Difficulty d uses d + 1 operators from + - * on digits 0..p-1 (p = 7 by default, so every value
-stays one character long). Each line rewrites the whole expression with the leftmost operation
-whose operands are both numbers replaced by its value mod p:
+stays one character long). Each line takes the leftmost operation whose operands are both
+numbers, writes it with its value mod p, then the whole expression with that value in its place:
 
     (3+5)*4-2 mod 7=?
-    =1*4-2
-    =4-2
-    =2
+    3+5=1 -> 1*4-2
+    1*4=4 -> 4-2
+    4-2=2 -> 2
     #### 2
+
+Writing the operation first keeps the arithmetic next to its operands (as the column lines of
+"add" do), which a small model learns far more easily than computing inside the rewrite.
 
 Expressions are printed with the fewest parentheses that keep the usual precedence and left
 associativity, so the printed text parses back to the same tree. The answer is the canonical
@@ -58,26 +61,38 @@ def apply_op(op: str, x: int, y: int, modulus: int) -> int:
     return (x * y) % modulus
 
 
-def reduce_leftmost(tree: Tree, modulus: int, error: int = 0) -> Tree:
-    """`tree` with its leftmost ready operation (both operands numbers) replaced by its value.
-
-    `error` is added to that value (mod `modulus`) to model a slip; 0 gives the correct step.
-    """
+def leftmost_ready(tree: list) -> tuple[str, int, int]:
+    """(op, left, right) of the leftmost operation whose operands are both numbers."""
     op, left, right = tree
     if isinstance(left, int) and isinstance(right, int):
-        return (apply_op(op, left, right, modulus) + error) % modulus
+        return op, left, right
+    return leftmost_ready(left if isinstance(left, list) else right)
+
+
+def replace_leftmost(tree: list, value: int) -> Tree:
+    """`tree` with its leftmost ready operation replaced by `value`."""
+    op, left, right = tree
+    if isinstance(left, int) and isinstance(right, int):
+        return value
     if isinstance(left, list):
-        return [op, reduce_leftmost(left, modulus, error), right]
-    return [op, left, reduce_leftmost(right, modulus, error)]
+        return [op, replace_leftmost(left, value), right]
+    return [op, left, replace_leftmost(right, value)]
 
 
 def evaluation_lines(tree: Tree, modulus: int, slip: tuple[int, int] | None = None) -> tuple[list[str], int]:
-    """One line per reduction and the final value; `slip=(step, error)` miscomputes one step."""
+    """One line per reduction and the final value.
+
+    `slip=(step, error)` adds `error` (mod `modulus`) to the value computed at that step, as a
+    one-off mistake; the later steps work on from the wrong value.
+    """
     lines, step = [], 0
     while isinstance(tree, list):
-        error = slip[1] if slip is not None and slip[0] == step else 0
-        tree = reduce_leftmost(tree, modulus, error)
-        lines.append("=" + render(tree))
+        op, x, y = leftmost_ready(tree)
+        value = apply_op(op, x, y, modulus)
+        if slip is not None and slip[0] == step:
+            value = (value + slip[1]) % modulus
+        tree = replace_leftmost(tree, value)
+        lines.append(f"{x}{op}{y}={value} -> {render(tree)}")
         step += 1
     return lines, tree
 
