@@ -111,25 +111,27 @@ class TaskFamily(ABC):
         """A corrupted trace of a uniformly chosen kind (see `corrupt`)."""
         return self.corrupt(problem, rng, rng.choice(CORRUPTION_KINDS))
 
-    def reward(self, problem: Problem, completion: str) -> float:
-        """1.0 for a correct final answer, `format_reward` for a well-formed wrong one, else 0.0."""
+    def grade(self, problem: Problem, completion: str) -> tuple[str | None, float]:
+        """(normalised answer found in `completion` or None, reward)."""
         predicted = self.normalize(extract_answer(completion))
         if predicted is None:
-            return 0.0
-        if predicted == problem.answer:
-            return 1.0
-        return self.format_reward
+            return None, 0.0
+        return predicted, 1.0 if predicted == problem.answer else self.format_reward
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        """1.0 for a correct final answer, `format_reward` for a well-formed wrong one, else 0.0."""
+        return self.grade(problem, completion)[1]
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> tuple[list[float], dict[str, float]]:
         """Rewards for a batch and metrics: mean reward, accuracy, share of parseable answers."""
         if len(problems) != len(completions):
             raise ValueError(f"got {len(problems)} problems but {len(completions)} completions; pass one each")
-        rewards = [self.reward(p, c) for p, c in zip(problems, completions)]
-        answers = [self.normalize(extract_answer(c)) for c in completions]
+        graded = [self.grade(p, c) for p, c in zip(problems, completions)]
+        rewards = [reward for _, reward in graded]
         n = max(len(problems), 1)
         metrics = {
             "reward_mean": sum(rewards) / n,
-            "accuracy": sum(a is not None and a == p.answer for a, p in zip(answers, problems)) / n,
-            "parsed_rate": sum(a is not None for a in answers) / n,
+            "accuracy": sum(a is not None and a == p.answer for (a, _), p in zip(graded, problems)) / n,
+            "parsed_rate": sum(a is not None for a, _ in graded) / n,
         }
         return rewards, metrics
