@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from mtprl.config import ConfigError, add_config_arguments, load_config
 from mtprl.train.config import TrainConfig
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = train(cfg)
     summary = run_dir / "summary.json"
-    if summary.exists():
+    if summary.exists() and os.environ.get("RANK", "0") == "0":  # one line per run, not per worker
         final = json.loads(summary.read_text())
         shown = {k: round(v, 4) for k, v in final.get("eval", {}).items() if k.startswith("eval/avg/")}
         print(f"run finished in {final['wall_time']:.1f}s: {run_dir}  {shown}")
