@@ -1,6 +1,6 @@
 """Rollout throughput: this engine without drafting, with MTP drafting, and `transformers`' `generate`.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_rollout.py [--threads 2 --repeats 3 --fit-steps 300]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_rollout.py [--threads 1 --repeats 3 --models tiny large fitted]
 
 All variants run side by side in one process, in rotation, on the same prompts and sampling
 settings (no EOS, so every row generates max_new_tokens); each figure is the median over
@@ -88,19 +88,19 @@ def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int]
     for name in variants:
         acc = f"   accept_rate={statistics.mean(accept[name]):.2f}" if name in accept else ""
         print(f"    {name:>5}  {w[name]:10.0f} {w[name] / w['hf']:6.2f} {w[name] / w['D=0']:6.2f}   "
-              f"{c[name]:10.0f} {c[name] / c['hf']:6.2f} {c[name] / c['D=0']:6.2f}{acc}")
+              f"{c[name]:10.0f} {c[name] / c['hf']:6.2f} {c[name] / c['D=0']:6.2f}{acc}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for these sizes)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--drafts", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--fit-steps", type=int, default=300, help="0 skips the fitted tiny model")
-    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--fit-steps", type=int, default=150, help="fitting steps of the `fitted` model")
+    ap.add_argument("--models", nargs="+", default=["tiny", "large", "fitted"], choices=["tiny", "large", "fitted"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_tokenizer()
@@ -109,20 +109,22 @@ def main() -> None:
                                                   generator=g).tolist() for _ in range(args.prompts)]
     base = dict(max_new_tokens=args.max_new_tokens, n=args.n)
     settings = [SamplingParams(temperature=1.0, **base), SamplingParams(temperature=0.0, **base)]
-    models = {"tiny default (random init)": build_tiny_model(tok).eval()}
-    if not args.skip_large:
+    models = {}
+    if "tiny" in args.models:
+        models["tiny default (random init)"] = build_tiny_model(tok).eval()
+    if "large" in args.models:
         models["12 layers x 512 hidden (random init)"] = build_tiny_model(
             tok, hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4).eval()
-    if args.fit_steps:
+    if "fitted" in args.models:
         t = time.perf_counter()
         models[f"tiny default fitted {args.fit_steps} steps on alphabet runs"] = fit_alphabet(
             build_tiny_model(tok), tok, args.fit_steps)
-        print(f"(fitting took {time.perf_counter() - t:.0f} s)")
+        print(f"(fitting took {time.perf_counter() - t:.0f} s)", flush=True)
         letters = tok.convert_tokens_to_ids(list(string.ascii_lowercase))
         fitted_prompts = [[tok.bos_token_id] + letters[i % 26: i % 26 + 5] for i in range(args.prompts)]
     print(f"torch threads: {args.threads}; figures: median tokens/s over {args.repeats} rounds")
     for name, model in models.items():
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
         for params in settings:
             bench(model, fitted_prompts if "fitted" in name else prompts, params, args.drafts, args.repeats)
 

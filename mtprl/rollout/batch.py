@@ -5,7 +5,8 @@ token fed so far, for every row, in lockstep; `DecodeState.mask` [B, S] marks wh
 committed tokens. Left padding and rejected draft slots stay in the caches as masked-out holes
 (speculative rows accept different numbers of drafts), and positions are counted over committed
 tokens only, so a hole changes nothing downstream. Rows that have finished are dropped from the
-batch (and from every cache) once a quarter of the batch has finished.
+batch (and from every cache) once a quarter of the batch has finished, and the caches are
+repacked (each row's slots moved right, holes dropped) once half of every row's slots are holes.
 
 Multi-token forwards (prefill, verification) with a padding mask make `transformers`' SDPA path
 copy every key / value head once per query head group (`repeat_kv`); on CPU, `enable_gqa=True`
@@ -24,6 +25,8 @@ from mtprl.model import MTPCausalLM
 from mtprl.rollout.cache import SlotCache
 
 COMPACT_FRACTION = 0.25  # drop finished rows once at least this fraction of the batch has finished
+REPACK_HOLES = 0.5  # repack the caches once at least this fraction of their slots are holes in every row
+REPACK_MIN_SLOTS = 64  # ... and they hold at least this many slots
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention on every call
 
 
@@ -65,6 +68,17 @@ class DecodeState:
             self, rows=self.rows[keep], mask=self.mask[keep], next_pos=self.next_pos[keep], last=self.last[keep],
             draft_hidden=None if self.draft_hidden is None else self.draft_hidden[keep],
         )
+
+    def repack(self) -> None:
+        """Drop the slots no row needs: move each row's committed slots to the right end, in order."""
+        valid = self.mask.bool()  # [B, S]
+        width = int(valid.sum(1).max())
+        # A stable sort on the 0/1 flags puts each row's holes first and its slots after, in order.
+        order = torch.sort(valid.to(torch.uint8), dim=1, stable=True).indices[:, -width:]  # [B, W]
+        self.cache.select_slots(order)
+        if self.mtp_cache is not None:
+            self.mtp_cache.select_slots(order)
+        self.mask = self.mask.gather(1, order)
 
     def extend_mask(self, new_slots: torch.Tensor) -> None:
         """Append the validity of slots just fed to the caches: new_slots [B, s] bool/int."""
@@ -116,13 +130,16 @@ class ResponseBuffer:
 
 
 def compact(state: DecodeState, buffer: ResponseBuffer) -> DecodeState | None:
-    """Drop finished rows once enough have finished; None when no row is left."""
+    """Drop finished rows and squeeze out holes once worthwhile; None when no row is left."""
     alive = buffer.alive(state.rows)
     n_alive = int(alive.sum())
     if n_alive == 0:
         return None
     if n_alive <= (1 - COMPACT_FRACTION) * alive.numel():
-        return state.select(alive.nonzero().squeeze(1))
+        state = state.select(alive.nonzero().squeeze(1))
+    slots = state.mask.shape[1]
+    if slots >= REPACK_MIN_SLOTS and int(state.mask.sum(1).max()) <= (1 - REPACK_HOLES) * slots:
+        state.repack()
     return state
 
 

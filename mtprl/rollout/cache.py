@@ -3,7 +3,8 @@
 `transformers`' `DynamicLayer` grows by `torch.cat`, which copies the whole cache on every
 decode step (on the tiny default that copy was ~40% of CPU decode time). `SlotLayer` keeps
 storage with spare capacity, doubling when full, writes new slots in place and returns views of
-the filled part; crop, batch selection and repetition act on the same storage. Every layer is a
+the filled part; crop, batch selection and repetition act on the same storage, and
+`select_slots` repacks each row's slots (used to squeeze out masked-out holes). Every layer is a
 full-attention layer: models with sliding-window layers still get correct masks (the window is
 applied by the mask), only without the window's memory saving.
 """
@@ -71,6 +72,19 @@ class SlotLayer(DynamicLayer):
             self._k, self._v = k, v
             self._views()
 
+    def select_slots(self, index: torch.Tensor) -> None:
+        """Keep, per batch row, the slots index [B, W] (in that order) as the first W slots."""
+        if self.get_seq_length() == 0:
+            return
+        B, H, _, dk = self._k.shape
+        width = index.shape[1]
+        idx = index[:, None, :, None]  # [B, 1, W, 1]
+        k = self._k[:, :, : self.length].gather(2, idx.expand(B, H, width, dk))
+        v = self._v[:, :, : self.length].gather(2, idx.expand(B, H, width, self._v.shape[-1]))
+        self._k[:, :, :width], self._v[:, :, :width] = k, v
+        self.length = width
+        self._views()
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
             self._reindex(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
@@ -92,3 +106,8 @@ class SlotCache(Cache):
 
     def __init__(self):
         super().__init__(layer_class_to_replicate=SlotLayer)
+
+    def select_slots(self, index: torch.Tensor) -> None:
+        """Keep slots index [B, W] of every row in every layer (see `SlotLayer.select_slots`)."""
+        for layer in self.layers:
+            layer.select_slots(index)

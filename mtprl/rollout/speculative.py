@@ -25,6 +25,7 @@ Departures from MiMo / DeepSeek-V3 multi-layer drafting:
 from __future__ import annotations
 
 import torch
+
 from mtprl.model import MTPCausalLM
 from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact, grouped_query_sdpa
 from mtprl.rollout.cache import SlotCache
