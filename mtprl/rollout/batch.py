@@ -108,6 +108,8 @@ class ResponseBuffer:
         Finished rows take nothing; a row stops after a stop token (kept) or at max_new_tokens.
         count [B] defaults to C for every row.
         """
+        if tokens.shape[1] == 1 and count is None:
+            return self._commit_one(rows, tokens[:, 0], log_probs[:, 0])
         B, C = tokens.shape
         j = torch.arange(C, device=tokens.device)  # [C]
         start = self.lengths[rows]  # [B]
@@ -120,10 +122,21 @@ class ResponseBuffer:
         r, c = take.nonzero(as_tuple=True)
         self.ids[rows[r], start[r] + c] = tokens[r, c]
         self.log_probs[rows[r], start[r] + c] = log_probs[r, c].float()
-        self.lengths[rows] = start + take.sum(1)
-        stopped = stop_at < C
+        self._advance(rows, start + take.sum(1), stop_at < C)
+
+    def _commit_one(self, rows: torch.Tensor, token: torch.Tensor, log_prob: torch.Tensor) -> None:
+        """`commit` of one token per row (token, log_prob [B]): a live row always has room for it."""
+        take = self.alive(rows)  # [B]
+        start = self.lengths[rows]
+        col = start.clamp(max=self.max_new_tokens - 1)
+        self.ids[rows, col] = torch.where(take, token, self.ids[rows, col])
+        self.log_probs[rows, col] = torch.where(take, log_prob.float(), self.log_probs[rows, col])
+        self._advance(rows, start + take, take & torch.isin(token, self.stop_ids))
+
+    def _advance(self, rows: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor) -> None:
+        self.lengths[rows] = lengths
         self.stopped[rows] |= stopped
-        self.finished[rows] |= stopped | (self.lengths[rows] >= self.max_new_tokens)
+        self.finished[rows] |= stopped | (lengths >= self.max_new_tokens)
 
     def finish_reasons(self) -> list[str]:
         return ["stop" if s else "length" for s in self.stopped.tolist()]
