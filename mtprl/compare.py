@@ -26,6 +26,11 @@ from mtprl.config import (
 )
 
 DEMO_REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
+# Shared `mtprl train` settings of the demo and of compare's default: sized so that the demo (five
+# regimes, one seed, pre-training included) fits in about 15 minutes on 2 CPU cores. `mtprl compare`
+# with the demo's output dir re-uses the demo's seed-0 runs.
+DEMO_SETTINGS = ["prompts_per_step=8", "group_size=8", "eval_every=10", "eval_limit=24", "eval_k=2",
+                 "exact_every=5", "max_new_tokens=80", "save_every=10"]
 # Settings that do not change a run's result; a re-used run may differ in them.
 _NOT_RESULT = {"resume", "progress", "overwrite", "output_dir", "log_with", "project", "save_every",
                "keep_checkpoints"}
@@ -37,13 +42,14 @@ class CompareConfig:
 
     regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (frozen, detach, ce, policy, occ, occ-exact)")
     seeds: list[int] = opt([0, 1, 2], "seeds; each regime runs once per seed")
-    steps: int = opt(60, "RL steps per run")
+    steps: int = opt(30, "RL steps per run")
     mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
     occ_estimator: str = opt("mean-ratio", "OCC proxy estimator: mean-ratio (paper) or ratio-of-sums")
     train_config: str | None = opt(None, "YAML file of `mtprl train` settings shared by every run")
-    set: list[str] = opt([], "extra shared `mtprl train` settings as key=value (win over train_config)")
+    set: list[str] = opt([], "shared `mtprl train` settings as key=value; they win over train_config, which wins "
+                             "over the built-in ones: " + " ".join(DEMO_SETTINGS))
     output_dir: str = opt("runs/compare", "experiment folder: runs/ and report/")
-    workers: int = opt(1, "runs at a time (child processes sharing the CPU cores); 1: in this process")
+    workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
 
     def validate(self) -> None:
         from mtprl.train.config import REGIMES
@@ -64,12 +70,7 @@ class DemoConfig(CompareConfig):
     """The main job: the five regimes from the embedded base, one seed, sized for ~15 minutes on 2 CPU cores."""
 
     seeds: list[int] = opt([0], "seeds; each regime runs once per seed")
-    steps: int = opt(30, "RL steps per run")
     output_dir: str = opt("runs/demo", "experiment folder: runs/ and report/")
-    workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
-    set: list[str] = opt(["prompts_per_step=8", "group_size=8", "eval_every=10", "eval_limit=24", "eval_k=2",
-                          "exact_every=5", "max_new_tokens=80", "save_every=10"],
-                         "extra shared `mtprl train` settings as key=value")
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -86,7 +87,8 @@ def plan_runs(cfg: CompareConfig) -> list[tuple[str, object]]:
     """(name, TrainConfig) for every regime × seed; every config is checked before anything runs."""
     from mtprl.train.config import TrainConfig
 
-    shared = read_yaml(cfg.train_config) if cfg.train_config else {}
+    shared = _parse_sets(DEMO_SETTINGS)
+    shared.update(read_yaml(cfg.train_config) if cfg.train_config else {})
     shared.update(_parse_sets(cfg.set))
     for key in ("regime", "seed", "output_dir"):
         if key in shared:
