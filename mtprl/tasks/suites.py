@@ -21,7 +21,7 @@ SUITES: dict[str, tuple[str, int]] = {
     "add-hard": ("add", 2),
     "expr-easy": ("expr", 1),
     "expr-hard": ("expr", 2),
-    "sort-easy": ("sort", 1),
+    "sort-easy": ("sort", 2),
     "sort-hard": ("sort", 3),
 }
 SUITE_SEED = 7919

@@ -47,8 +47,8 @@ class PretrainConfig:
     """Pre-training of the embedded default (NTP + MTP cross-entropy on generated traces)."""
 
     seed: int = opt(0, "seed of the initial weights and of the training data")
-    steps: int = opt(1200, "optimiser steps")
-    batch_size: int = opt(64, "traces per step")
+    steps: int = opt(2800, "optimiser steps")
+    batch_size: int = opt(16, "traces per step (small batches learn more per token at this size)")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak (cosine decay)")
     warmup_steps: int = opt(50, "linear warm-up steps")
@@ -69,7 +69,8 @@ class PretrainConfig:
     suite_seed: int = opt(SUITE_SEED, "seed of the held-out suites (excluded from training, evaluated after)")
     suite_size: int = opt(SUITE_SIZE, "problems per held-out suite")
     eval_batch_size: int = opt(256, "prompts per greedy-decoding batch in the evaluation")
-    threads: int = opt(0, "torch CPU threads; 0: torch's default")
+    threads: int = opt(1, "torch CPU threads; 0: torch's default. One is as fast per core at this model size, "
+                          "and two stall each other badly when the cores are shared")
     cache_dir: str | None = opt(None, "cache root; null: $MTPRL_CACHE, else ~/.cache/mtprl")
     out_dir: str | None = opt(None, "also copy the finished checkpoint and summary to this directory")
     progress: bool = opt(True, "show a progress bar")
