@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mtprl smoke
+	$(VENV)/bin/mtprl demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
