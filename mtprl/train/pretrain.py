@@ -7,8 +7,12 @@ switches at 10T of 14.8T tokens (68%). AdamW, linear warm-up then cosine decay t
 `min_lr_ratio` of the peak. A share of the traces is deliberately imperfect (see
 `pretrain_data`) so the base leaves room for RL. Deterministic for a given seed and thread count.
 
+The defaults (about 1 M parameters, 2800 steps of 16 traces, 20% imperfect) were tuned so the
+greedy pass@1 of the base lands between 14% and 79% on every suite (mean 45%) in about six
+minutes on one CPU core; `summary.json` records what a run got.
+
 The result (checkpoint in the `MTPCausalLM` format with its tokenizer, `summary.json`,
-`config.yaml`) is cached under `<root>/base/<key>`: root = `cache_dir`, else $MTPRL_CACHE, else
+`pretrain_config.yaml`) is cached under `<root>/base/<key>`: root = `cache_dir`, else $MTPRL_CACHE, else
 ~/.cache/mtprl; key = hash of every config field that affects the weights. It is written to a
 temporary directory and renamed into place only when complete, so an interrupted run never
 leaves a directory that looks finished. `ensure_base_model(cfg)` is what other commands call.
@@ -37,7 +41,7 @@ from mtprl.tasks import SUITE_SEED, SUITE_SIZE, TASKS, eval_suites
 from mtprl.train.pretrain_data import trace_batches
 from mtprl.train.pretrain_eval import evaluate_base
 
-FORMAT_VERSION = 1  # bump when the training code changes what a config produces
+FORMAT_VERSION = 1  # bump when the training code or the task generators change what a config produces
 # Fields that do not change the trained weights, left out of the cache key.
 _NOT_IN_KEY = {"eval_batch_size", "threads", "cache_dir", "out_dir", "progress"}
 
