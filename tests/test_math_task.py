@@ -47,7 +47,8 @@ def test_loads_jsonl_and_builds_boxed_prompts(half_task):
 
 
 def test_custom_columns_template_and_numeric_answers(tmp_path):
-    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "2+3?", "solution": 5}, {"question": "7*6?", "solution": 42}])
+    rows = [{"question": "2+3?", "solution": 5}, {"question": "7*6?", "solution": 42}]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
     task = MathTask(data, problem_key="question", answer_key="solution", template="Q: {problem}\nA:", limit=1)
     assert [p.prompt for p in task.problems] == ["Q: 2+3?\nA:"]
     assert task.problems[0].answer == "5"

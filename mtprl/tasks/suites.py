@@ -47,7 +47,9 @@ def suite_problems(name: str, seed: int = SUITE_SEED, size: int = SUITE_SIZE) ->
     return list(problems.values())
 
 
-def eval_suites(seed: int = SUITE_SEED, size: int = SUITE_SIZE, names: Sequence[str] | None = None) -> dict[str, list[Problem]]:
+def eval_suites(
+    seed: int = SUITE_SEED, size: int = SUITE_SIZE, names: Sequence[str] | None = None
+) -> dict[str, list[Problem]]:
     """Suite name -> its problems, for all suites (or the named ones), in `SUITES` order."""
     chosen = list(SUITES) if names is None else list(names)
     return {name: suite_problems(name, seed, size) for name in chosen}

@@ -89,11 +89,13 @@ class PretrainConfig:
                 "warmup_steps, threads and intermediate_size must be >= 0")
         require(self.mtp_weight >= 0 and self.mtp_weight_final >= 0, "MTP weights must be >= 0")
         require(0 <= self.mtp_decay_at <= 1, f"mtp_decay_at must lie in [0, 1], got {self.mtp_decay_at}")
-        require(0 <= self.imperfect_fraction <= 1, f"imperfect_fraction must lie in [0, 1], got {self.imperfect_fraction}")
+        require(0 <= self.imperfect_fraction <= 1,
+                f"imperfect_fraction must lie in [0, 1], got {self.imperfect_fraction}")
         unknown = [f for f in self.families if f not in TASKS]
         require(bool(self.families) and not unknown,
                 f"families must be a non-empty list from {sorted(TASKS)}; unknown: {unknown}")
-        require(bool(self.difficulties) and min(self.difficulties) >= 1, "difficulties must be a non-empty list of ints >= 1")
+        require(bool(self.difficulties) and min(self.difficulties) >= 1,
+                "difficulties must be a non-empty list of ints >= 1")
         require(self.hidden_size % self.num_heads == 0 and self.num_heads % self.num_kv_heads == 0,
                 f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and num_heads by "
                 f"num_kv_heads ({self.num_kv_heads})")

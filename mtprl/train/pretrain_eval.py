@@ -18,7 +18,8 @@ from mtprl.train.pretrain_data import encode_batch
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                       batch_size: int = 256) -> list[str]:
     """The greedy continuation of each prompt up to <eos> or `max_new_tokens`, special tokens dropped."""
     was_training = model.training
     model.eval()
