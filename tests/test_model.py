@@ -13,6 +13,7 @@ from mtprl.model import (
     build_tiny_model,
     build_tokenizer,
     chunked_target_log_probs,
+    load_tokenizer,
     naive_target_log_probs,
     tiny_config,
 )
@@ -41,11 +42,12 @@ def test_tokenizer_round_trip_and_specials(tok, tmp_path):
     assert ids[0] == tok.bos_token_id and len(ids) == 5
     assert tok.decode(ids, skip_special_tokens=True) == "a+1\n"
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    tok.save_pretrained(tmp_path)
-    from transformers import AutoTokenizer
-
-    again = AutoTokenizer.from_pretrained(tmp_path)
-    assert again("x=9")["input_ids"] == tok("x=9")["input_ids"]
+    # Saved with a qwen2 model: AutoTokenizer would swap in Qwen2's class and re-split the text.
+    build_tiny_model(tok, **SMALL).save_pretrained(tmp_path, tokenizer=tok)
+    again = load_tokenizer(tmp_path)
+    text = "sort 3 1\n 12 + 4"
+    assert again(text)["input_ids"] == tok(text)["input_ids"] and len(again(text)["input_ids"]) == len(text) + 1
+    assert again.padding_side == "left" and again.pad_token_id == 0
 
 
 def test_aligned_log_probs_match_hand_built_heads(model, tok):

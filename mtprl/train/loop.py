@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from mtprl.config import ConfigError, config_to_dict, save_config
-from mtprl.model import MTPCausalLM
+from mtprl.model import MTPCausalLM, load_tokenizer
 from mtprl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
@@ -47,7 +46,7 @@ def base_model_path(cfg: TrainConfig) -> Path:
 def load_model(path: Path, cfg: TrainConfig, device: torch.device):
     """(MTPCausalLM on `device` in the training dtype, tokenizer) from a checkpoint directory."""
     model = MTPCausalLM.from_pretrained(path, num_mtp_layers=cfg.num_mtp_layers, dtype=DTYPES[cfg.dtype])
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     return model.to(device).eval(), tokenizer
 
 
