@@ -29,7 +29,7 @@ DEMO_REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
 # Shared `mtprl train` settings of the demo and of compare's default: sized so that the demo (five
 # regimes, one seed, pre-training included) fits in about 15 minutes on 2 CPU cores. `mtprl compare`
 # with the demo's output dir re-uses the demo's seed-0 runs.
-DEMO_SETTINGS = ["prompts_per_step=8", "group_size=8", "eval_every=10", "eval_limit=24", "eval_k=2",
+DEMO_SETTINGS = ["prompts_per_step=8", "group_size=8", "eval_every=20", "eval_limit=24", "eval_k=2",
                  "exact_every=5", "max_new_tokens=80", "save_every=10"]
 # Settings that do not change a run's result; a re-used run may differ in them.
 _NOT_RESULT = {"resume", "progress", "overwrite", "output_dir", "log_with", "project", "save_every",
@@ -42,7 +42,7 @@ class CompareConfig:
 
     regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (frozen, detach, ce, policy, occ, occ-exact)")
     seeds: list[int] = opt([0, 1, 2], "seeds; each regime runs once per seed")
-    steps: int = opt(30, "RL steps per run")
+    steps: int = opt(80, "RL steps per run")
     mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
     occ_estimator: str = opt("mean-ratio", "OCC proxy estimator: mean-ratio (paper) or ratio-of-sums")
     train_config: str | None = opt(None, "YAML file of `mtprl train` settings shared by every run")
