@@ -19,7 +19,7 @@ import torch
 from mtprl.model import build_tiny_model, build_tokenizer
 from mtprl.train.batch import TrainBatch
 from mtprl.train.config import TrainConfig
-from mtprl.train.distributed import Dist
+from mtprl.train.distributed import Dist, shutdown
 from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +78,7 @@ def _worker(out: Path, tiny: Path) -> None:
                       eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1,
                       output_dir=str(out / "run"), progress=False, device="cpu")
     train(cfg)
+    shutdown()
 
 
 def _free_port() -> int:

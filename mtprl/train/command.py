@@ -22,9 +22,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(TrainConfig, args)
     except ConfigError as err:
         raise SystemExit(f"mtprl train: {err}") from None
+    from mtprl.train.distributed import shutdown
     from mtprl.train.loop import train
 
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
     summary = run_dir / "summary.json"
     if summary.exists() and os.environ.get("RANK", "0") == "0":  # one line per run, not per worker
         final = json.loads(summary.read_text())

@@ -101,3 +101,16 @@ class Dist:
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         torch_dist.all_gather(parts, padded)
         return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(tensor.device)
+
+
+def shutdown(wait: bool = True) -> None:
+    """Tear down the process group at the end of a launched run, after every rank is done.
+
+    Exiting with a live gloo/NCCL group can abort a rank ("terminate called without an active
+    exception") and fail the whole launch after the work is finished. `wait=False` (after an error)
+    skips the barrier, which ranks that already failed would never reach.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        if wait:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
