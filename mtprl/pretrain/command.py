@@ -16,10 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="pre-train again even if a cached base exists")
 
 
+def _cell(result: dict, metric: str) -> str:
+    return f"{result[metric]:6.1%} ± {result[metric + '_se']:.1%}" if metric in result else "—"
+
+
 def format_summary(summary: dict, directory: Path) -> str:
-    lines = [f"{'suite':<12} pass@1"]
-    lines += [f"{name:<12} {value:6.1%}" for name, value in summary["pass_at_1"].items()]
-    lines.append(f"{'mean':<12} {summary['pass_at_1_mean']:6.1%}")
+    """The base's evaluation table (per suite and mean, each with its standard error) and its vital numbers."""
+    suites, mean = summary["suites"], summary["mean"]
+    metrics = [m for m in ("greedy", "pass@1", "pass@4", "pass@16") if m in mean]
+    first = next(iter(suites.values()))
+    lines = [f"held-out suites ({first['problems']} problems each; pass@k from {first['samples']} samples at T = "
+             f"{first['temperature']:g}; ± standard error over problems)",
+             f"{'suite':<10} " + " ".join(f"{m:>15}" for m in metrics) + "  shortcut share"]
+    for name, result in suites.items():
+        share = "—" if result["shortcut_share"] is None else f"{result['shortcut_share']:.1%}"
+        lines.append(f"{name:<10} " + " ".join(f"{_cell(result, m):>15}" for m in metrics) + f"  {share:>14}")
+    lines.append(f"{'mean':<10} " + " ".join(f"{_cell(mean, m):>15}" for m in metrics))
     agreement = ", ".join(f"{a:.1%}" for a in summary["mtp_top1_agreement"])
     params = summary["parameters"]
     lines.append(f"MTP teacher-forced top-1 agreement per depth: {agreement}")
