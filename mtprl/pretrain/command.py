@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from mtprl.config import add_config_arguments, load_config
-from mtprl.pretrain.cache import base_model_dir, cache_key, ensure_base_model, is_complete, load_summary
+from mtprl.pretrain.cache import (SHIPPED_DIR, base_model_dir, cache_key, ensure_base_model, is_complete,
+                                  load_summary, shipped_base)
 from mtprl.pretrain.config import PretrainConfig
 
 
@@ -45,11 +46,22 @@ def format_summary(summary: dict, directory: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args)
-    cached = is_complete(base_model_dir(cfg)) and not args.force
+    shipped = None if args.force else shipped_base(cfg)
+    cached = shipped is None and is_complete(base_model_dir(cfg)) and not args.force
     directory = ensure_base_model(cfg, force=args.force, announce=False)
-    if cached:
+    summary = load_summary(directory)
+    if shipped is not None:
+        print(f"using the shipped base for this config ({directory}); --force pre-trains it again into the cache")
+    elif cached:
         print(f"reusing the cached base for this config (key {cache_key(cfg)}); --force trains again")
-    print(format_summary(load_summary(directory), directory))
+    print(format_summary(summary, directory))
+    print(f"weights hash: {summary['weights_hash']}")
+    reference = SHIPPED_DIR if directory != SHIPPED_DIR and is_complete(SHIPPED_DIR) else None
+    if reference is not None and load_summary(reference).get("cache_key") == summary.get("cache_key"):
+        theirs = load_summary(reference)["weights_hash"]
+        same = "identical to" if theirs == summary["weights_hash"] else "different from"
+        print(f"{same} the shipped base ({theirs}); pre-training is deterministic for a seed and thread count on one "
+              "machine, not bit for bit across machines")
     if cfg.output_dir:
         shutil.copytree(directory, cfg.output_dir, dirs_exist_ok=True)
         print(f"copied to {cfg.output_dir}")

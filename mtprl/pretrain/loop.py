@@ -27,6 +27,7 @@ from mtprl import __version__
 from mtprl.config import config_to_dict, save_config
 from mtprl.losses.pretrain import pretrain_loss
 from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
+from mtprl.pretrain.cache import cache_key, weights_hash
 from mtprl.pretrain.config import PretrainConfig
 from mtprl.pretrain.data import trace_batches
 from mtprl.pretrain.evaluate import evaluate_base
@@ -99,7 +100,7 @@ def parameter_counts(model: MTPCausalLM) -> dict[str, int]:
     return {"shared": shared, "mtp": mtp, "total": shared + mtp}
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> dict:
+def pretrain(cfg: PretrainConfig, out_dir: str | Path) -> dict:
     """Train, evaluate on the suites, and write checkpoint + tokenizer + summary.json to `out_dir`."""
     start, cpu_start = time.perf_counter(), time.process_time()
     threads_before = torch.get_num_threads()
@@ -118,7 +119,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> d
     model.save_pretrained(out_dir, tokenizer=tokenizer)
     save_config(cfg, out_dir / "pretrain_config.yaml")
     summary = {
-        "cache_key": cache_key,
+        "cache_key": cache_key(cfg),
+        "weights_hash": weights_hash(out_dir),
         **results,
         "parameters": parameter_counts(model),
         "wall_time_s": time.perf_counter() - start,

@@ -94,7 +94,9 @@ class TrainConfig:
     eval_at_start: bool = opt(True, "also evaluate the starting model (step 0) on a fresh run")
     eval_k: int = opt(4, "samples per problem for avg@k")
     eval_temperature: float = opt(0.6, "sampling temperature of avg@k (greedy pass@1 is also reported)")
-    eval_limit: int = opt(32, "problems per held-out suite")
+    eval_limit: int = opt(32, "problems per held-out suite in the intermediate evaluations")
+    final_eval_limit: int = opt(0, "problems per held-out suite in the final evaluation (the intermediate ones are "
+                                   "its first eval_limit); 0: eval_limit")
     exact_every: int = opt(10, "every this many steps log the exact gradient terms on the shared parameters "
                                "(two extra backward passes per head); 0: never")
 
@@ -161,6 +163,9 @@ class TrainConfig:
         require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
         require(self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}")
         require(self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
+        require(self.final_eval_limit == 0 or self.final_eval_limit >= self.eval_limit,
+                f"final_eval_limit ({self.final_eval_limit}) must be 0 (same as eval_limit) or at least eval_limit "
+                f"({self.eval_limit}): the intermediate problems are the first ones of the final set")
 
     def _validate_paths(self) -> None:
         if self.model != TINY_DEFAULT:

@@ -26,7 +26,7 @@ from mtprl.train.checkpoint import latest_checkpoint, load_trainer_state, save_c
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist
-from mtprl.train.evaluate import evaluate
+from mtprl.train.evaluate import evaluate, write_problem_results
 from mtprl.train.metrics import MetricsLog, Progress, truncate_after
 from mtprl.train.rollouts import collect_batch
 from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
@@ -87,6 +87,7 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, 
             for name in ("metrics.jsonl", "summary.json"):
                 (run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run_dir / "evals", ignore_errors=True)
         else:
             step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
             truncate_after(run_dir / "metrics.jsonl", step)
@@ -126,7 +127,10 @@ class Run:
         return self.log.log("train", step, self.now(), metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        values = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step, self.dist)
+        values, per_problem = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step,
+                                       self.dist)
+        if self.dist.is_main:
+            write_problem_results(self.run_dir, step, per_problem)
         return self.log.log("eval", step, self.now(), values)
 
     def save(self, step: int) -> None:
