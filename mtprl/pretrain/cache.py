@@ -22,7 +22,7 @@ from mtprl import __version__
 from mtprl.config import config_to_dict
 from mtprl.pretrain.config import NOT_IN_KEY, PretrainConfig
 
-FORMAT_VERSION = 1  # bump when the training code or the task generators change what a config produces
+FORMAT_VERSION = 2  # bump when the training code or the task generators change what a config produces (2: MiMo MTP layout)
 # Pre-training speed measured with the defaults on one core of the 2-core reference machine (for the notice).
 _STEPS_PER_S = 2800 / 323
 
