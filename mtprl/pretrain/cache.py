@@ -29,7 +29,9 @@ from pathlib import Path
 from mtprl.config import ConfigError, config_to_dict
 from mtprl.pretrain.config import NOT_IN_KEY, PretrainConfig
 
-FORMAT_VERSION = 2  # bump when the training code or the task generators change what a config produces
+# Bump when the training code or the task generators change what a config produces
+# (2: MiMo MTP layout; 3: shortcut traces in the pre-training mixture).
+FORMAT_VERSION = 3
 SHIPPED_DIR = Path(__file__).parent / "base"  # the base of the default config, shipped with the package
 # Pre-training speed measured with the defaults on one core of the 2-core reference machine (for the notice).
 _STEPS_PER_S = 2800 / 323
