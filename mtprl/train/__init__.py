@@ -1,4 +1,4 @@
-"""Training: pre-training of the embedded default (`mtprl.train.pretrain`) and the RL loop."""
+"""Training: the RL loop of `mtprl train` (pre-training of the embedded default is `mtprl.pretrain`)."""
 
 from mtprl.train.config import TrainConfig
 from mtprl.train.loop import train
