@@ -46,7 +46,7 @@ _NOT_RESULT = {"resume", "progress", "overwrite", "output_dir", "log_with", "pro
 class CompareConfig:
     """Run MTP regimes side by side (same base, same settings, several seeds) and report."""
 
-    regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (frozen, detach, ce, policy, occ, occ-exact)")
+    regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (any of mtprl.losses.MTP_REGIMES)")
     seeds: list[int] = opt([0, 1, 2], "seeds; each regime runs once per seed")
     steps: int = opt(80, "RL steps per run")
     mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
@@ -58,11 +58,11 @@ class CompareConfig:
     workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
 
     def validate(self) -> None:
-        from mtprl.train.config import REGIMES
+        from mtprl.losses import MTP_REGIMES
 
         require(bool(self.regimes), "regimes must name at least one regime")
         for r in self.regimes:
-            require(r in REGIMES, f"unknown regime '{r}' in regimes; valid: {', '.join(REGIMES)}")
+            require(r in MTP_REGIMES, f"unknown regime '{r}' in regimes; valid: {', '.join(MTP_REGIMES)}")
         require(len(set(self.regimes)) == len(self.regimes), f"regimes repeat a name: {self.regimes}")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                 f"seeds must be one or more distinct integers, got {self.seeds}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mtprl.config import ConfigError, config_to_dict, save_config
-from mtprl.model import MTPCausalLM, load_tokenizer
+from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
@@ -29,7 +29,7 @@ from mtprl.train.distributed import Dist
 from mtprl.train.evaluate import evaluate, write_problem_results
 from mtprl.train.metrics import MetricsLog, Progress, truncate_after
 from mtprl.train.rollouts import collect_batch
-from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -152,7 +152,7 @@ def _start(cfg: TrainConfig) -> tuple[Run, int]:
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
     base = base_model_path(cfg)
     model, tokenizer = load_model(resume_from / "model" if resume_from else base, cfg, dist.device)
-    configure_regime(model, cfg.regime)
+    apply_regime(model, cfg.regime)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
