@@ -91,7 +91,7 @@ def test_implicit_pretraining_says_what_how_long_and_where(tmp_path, monkeypatch
     directory = ensure_base_model(cfg)
     notice = capsys.readouterr().err
     assert "pre-training the embedded base model (2800 steps" in notice
-    assert "about 5 min" in notice and str(directory) in notice
+    assert "about 6 min" in notice and str(directory) in notice
     ensure_base_model(cfg)  # cached now: says nothing
     assert capsys.readouterr().err == ""
 
@@ -148,3 +148,17 @@ def test_weights_hash_ignores_serialisation_but_not_values(tmp_path):
     tensors[name] = -tensors[name]
     save_file(tensors, tmp_path / "b" / "model.safetensors")
     assert weights_hash(tmp_path / "a") != weights_hash(tmp_path / "b")
+
+
+def test_the_shipped_base_is_the_default_configs_and_intact():
+    # The base in the repository must be what `mtprl pretrain` with the defaults is asked for (same cache key:
+    # FORMAT_VERSION and every weight-relevant default), and its weights must still hash to its recorded value.
+    from mtprl.pretrain import cache
+
+    summary = load_summary(cache.SHIPPED_DIR)
+    assert cache.shipped_base(PretrainConfig()) == cache.SHIPPED_DIR, (
+        "the shipped base was trained with other settings than PretrainConfig's defaults: re-create it with "
+        "`mtprl pretrain --force --output-dir mtprl/pretrain/base` or restore the defaults")
+    assert cache.weights_hash(cache.SHIPPED_DIR) == summary["weights_hash"]
+    assert summary["config"]["steps"] == PretrainConfig().steps
+    assert set(summary["suites"]) == {"add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"}
