@@ -23,7 +23,7 @@ def base_dir(tmp_path_factory):
 
 def _mini(base_dir, out, **kw):
     sets = [f"model={base_dir}", "prompts_per_step=2", "group_size=2", "mini_batches=2", "eval_limit=2",
-            "eval_k=1", "max_new_tokens=8", "exact_every=1", "progress=false", "eval_every=0"]
+            "final_eval_limit=0", "eval_k=1", "max_new_tokens=8", "exact_every=1", "progress=false", "eval_every=0"]
     values = {"regimes": REGIMES, "seeds": [0], "steps": 1, "output_dir": str(out), "set": sets, **kw}
     return build_config(CompareConfig, values)
 
