@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtprl.model import build_tiny_model, build_tokenizer
-from mtprl.train.checkpoint import MARKER, latest_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import MARKER, CheckpointError, latest_checkpoint, load_trainer_state, save_checkpoint
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 from mtprl.train.update import build_optimizer, configure_regime
@@ -42,7 +42,7 @@ def test_latest_is_the_newest_complete_one(tmp_path, parts):
     (root / "step-00000003").mkdir()
     (root / ".tmp-step-00000004").mkdir()
     assert latest_checkpoint(root) == path
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         load_trainer_state(root / "step-00000003", parts[2], parts[3], Dist())
 
 

@@ -23,10 +23,12 @@ from typing import Any
 
 import yaml
 
+from mtprl.errors import UserError
+
 ROW_KINDS = ("train", "eval")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run directory or one of its files cannot be used; the message names it and the fix."""
 
 

@@ -191,6 +191,24 @@ class TrainConfig:
             require(name in SUITES, f"unknown suite '{name}' in eval_suites; known: {', '.join(SUITES)}")
 
 
+# Settings that do not change a run's result (its metrics, apart from timings, and its weights): a run
+# may be resumed, or re-used by `mtprl compare`, with other values of these. Every other field counts.
+NOT_RESULT_AFFECTING = frozenset({"resume", "progress", "overwrite", "output_dir", "log_with", "project",
+                                  "save_every", "keep_checkpoints"})
+
+
+def result_differences(recorded: dict, cfg: TrainConfig) -> list[str]:
+    """'field: recorded there, now here' for every result-affecting field where `cfg` differs from `recorded`.
+
+    `recorded` is a config as a run wrote it (config.yaml, or a checkpoint's trainer state); a field
+    it lacks (written before the field existed) counts as that field's default.
+    """
+    defaults = config_to_dict(TrainConfig())
+    wanted = config_to_dict(cfg)
+    return [f"{k}: {recorded.get(k, defaults[k])!r} there, {v!r} now" for k, v in wanted.items()
+            if k not in NOT_RESULT_AFFECTING and recorded.get(k, defaults[k]) != v]
+
+
 def checked(cfg: TrainConfig) -> TrainConfig:
     """`cfg` rebuilt through the config loader: keys, types and values checked as for a YAML file."""
     if not isinstance(cfg, TrainConfig):
