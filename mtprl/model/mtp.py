@@ -16,6 +16,8 @@ both x_t and x_{t-k-1} are real tokens, so the first k+1 tokens of each sequence
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -27,6 +29,18 @@ from transformers.masking_utils import create_causal_mask
 from mtprl.model.logprobs import chunked_target_log_probs
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(fn) -> str:
+    """The keyword `fn` takes the KV cache as: transformers 5.2x renamed `past_key_values` to `cache`
+    (the old name still works there, with a FutureWarning at every start)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    """The KV cache of a model output, under whichever name this transformers version gives it."""
+    return out.cache if "cache" in {f.name for f in dataclasses.fields(out)} else out.past_key_values
 
 
 @dataclasses.dataclass
@@ -66,9 +80,9 @@ class MTPLayer(nn.Module):
                 past_key_values=None, use_cache=False):
         x = torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1)
         x = self.input_proj(x)  # [B, L, d]
-        out = self.block(x, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache,
-                         position_embeddings=position_embeddings)
+        out = self.block(x, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                         position_embeddings=position_embeddings,
+                         **{_cache_name(type(self.block).forward): past_key_values})
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -186,9 +200,10 @@ class MTPCausalLM(nn.Module):
 
     def trunk(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False):
         """Trunk hidden states after the final norm ([B, L, d]) and the cache."""
-        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, use_cache=use_cache)
-        return out.last_hidden_state, out.past_key_values
+        decoder = self.base.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=use_cache, **{_cache_name(type(decoder).forward): past_key_values})
+        return out.last_hidden_state, _output_cache(out)
 
     def mtp_hidden(self, k: int, prev_hidden, next_ids, attention_mask, position_ids,
                    past_key_values=None, use_cache=False) -> torch.Tensor:
@@ -202,7 +217,7 @@ class MTPCausalLM(nn.Module):
         embeds = self.embed(next_ids, for_mtp=True)
         inner = self.base.get_decoder()
         mask4d = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                    past_key_values=past_key_values, position_ids=position_ids)
+                                    position_ids=position_ids, **{_cache_name(create_causal_mask): past_key_values})
         rope = inner.rotary_emb(embeds, position_ids)
         return self.mtp_layers[k](prev_hidden, embeds, attention_mask=mask4d, position_ids=position_ids,
                                   position_embeddings=rope, past_key_values=past_key_values, use_cache=use_cache)
