@@ -24,7 +24,7 @@ from mtprl.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mtprl.demo", "the main job: every MTP regime from the embedded base, side by side, with a report"),
     "compare": ("mtprl.compare", "run chosen regimes x seeds with identical settings, paired comparison, report"),
-    "smoke": ("mtprl.model.smoke", "build the tiny default MTP model and run one forward pass"),
+    "smoke": ("mtprl.smoke", "build the tiny default MTP model and run one forward pass"),
     "train": ("mtprl.train.command", "RL from verifiable rewards with an MTP regime (GRPO/DAPO, OCC); writes a run dir"),
     "pretrain": ("mtprl.train.pretrain", "pre-train the embedded default on generated traces (cached per config)"),
     "report": ("mtprl.report.command", "build a report folder (tables, claims, figures) from run directories"),

@@ -32,6 +32,7 @@ def _final_eval(run_dir):
     return [r for r in rows if r["kind"] == "eval"][-1]
 
 
+@pytest.mark.slow
 def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys):
     cfg = _mini(base_dir, tmp_path / "exp", workers=2)
     summary = run_compare(cfg)
@@ -59,6 +60,7 @@ def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys)
     assert again["accuracy"] == summary["accuracy"]
 
 
+@pytest.mark.slow
 def test_changed_settings_on_a_finished_run_are_refused(base_dir, tmp_path):
     cfg = _mini(base_dir, tmp_path / "exp", regimes=["detach"], workers=1)
     run_compare(cfg)

@@ -205,7 +205,7 @@ def test_format_summary_table_is_aligned(report):
 
 def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
     out = tmp_path / "cli-report"
-    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    assert main(["report", *map(str, runs), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "0.450 ± 0.071" in printed and "claim (1) occ matches or beats detach: reproduced" in printed
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
@@ -213,7 +213,7 @@ def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
 
 def test_cli_bad_input_writes_nothing(runs, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["report", str(runs[0]), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["report", str(runs[0]), str(tmp_path / "missing"), "--output-dir", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
 

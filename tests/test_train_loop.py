@@ -1,8 +1,6 @@
 """`mtprl train` end to end on CPU with a tiny random model: every regime, metrics, resume after a kill.
 
-A random model never solves a problem, so the runs use DAPO's overlong shaping with a buffer of
-max_new_tokens − 1: the reward then falls with the response length, groups have mixed rewards,
-advantages are non-zero and the updates do something.
+The runs use `conftest.small_train_config` (overlong shaping gives a random model non-zero advantages).
 """
 
 import json
@@ -17,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import small_train_config as small_config
 from mtprl.config import build_config
-from mtprl.model import build_tiny_model, build_tokenizer
 from mtprl.train import TrainConfig, train
 from mtprl.train.checkpoint import latest_checkpoint
 from mtprl.train.config import REGIMES
@@ -36,29 +34,12 @@ EVAL_KEYS = {"eval/add-easy/avg@2", "eval/add-easy/greedy", "eval/avg/avg@2", "e
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tok = build_tokenizer()
-    model = build_tiny_model(tok, num_mtp_layers=1, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    model.save_pretrained(path, tokenizer=tok)
-    return path
-
-
-def small_config(model: Path, out: Path, **over) -> TrainConfig:
-    values = dict(model=str(model), steps=2, prompts_per_step=2, group_size=4, mini_batches=2, micro_batch_size=4,
-                  max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0, eval_at_start=False,
-                  eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=2, save_every=0,
-                  output_dir=str(out), progress=False, lr=1e-3)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
 def regime_runs(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("regimes")
     return {regime: train(small_config(tiny_checkpoint, root / regime, regime=regime)) for regime in REGIMES}
 
 
+@pytest.mark.slow  # the fixture trains six runs
 @pytest.mark.parametrize("regime", REGIMES)
 def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     run_dir = regime_runs[regime]
@@ -83,18 +64,21 @@ def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000002"
 
 
+@pytest.mark.slow
 def test_every_regime_sees_the_same_first_rollout(regime_runs):
     firsts = [read_metrics(d / "metrics.jsonl")[0] for d in regime_runs.values()]
     keys = ("reward/mean", "acc", "response_len/mean", "response_len/max", "sampling/draws", "batch/reward_mean")
     assert len({tuple(r[k] for k in keys) for r in firsts}) == 1
 
 
+@pytest.mark.slow
 def test_occ_lambda_zero_first_then_nonzero(regime_runs):
     for r in read_metrics(regime_runs["occ"] / "metrics.jsonl"):
         if r["kind"] == "train":
             assert r["mtp/0/lambda_first"] == 0.0 and r["mtp/0/lambda"] != 0.0
 
 
+@pytest.mark.slow
 def test_occ_exact_logs_the_exact_slope(regime_runs):
     first = read_metrics(regime_runs["occ-exact"] / "metrics.jsonl")[0]
     # λ = (λ₀ / K) · ĉ with ĉ the exact slope of that micro-batch; the proxy is logged beside it.
@@ -106,6 +90,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_and_resume_gives_the_uninterrupted_metrics(tiny_checkpoint, tmp_path):
     over = dict(regime="occ", steps=5, save_every=1, eval_every=2, max_new_tokens=24, overlong_buffer=23)
     straight = train(small_config(tiny_checkpoint, tmp_path / "straight", **over))
