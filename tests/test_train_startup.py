@@ -271,3 +271,24 @@ def test_resume_with_other_result_affecting_settings_is_refused(tiny_checkpoint,
     # Settings that do not change the result may differ: a finished run resumed again is left as it is.
     train(small_config(tiny_checkpoint, old_run, resume="auto", save_every=2, exact_every=0, progress=True))
     assert snapshot(old_run)["metrics.jsonl"] == before["metrics.jsonl"]
+
+
+# ----- 7. a quiet start ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_start_prints_the_launch_line_and_no_library_noise(tiny_checkpoint, tmp_path):
+    """Finding 7: transformers' `past_key_values` FutureWarning, its "UNEXPECTED keys" table (our MTP weights) and
+    math-verify's "Timeout is disabled" were printed at every start."""
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    cfg = small_config(tiny_checkpoint, tmp_path / "run", data=str(data), eval_data=[str(data)], eval_suites=[],
+                       steps=1, exact_every=0, max_prompt_tokens=24, draft_tokens=1)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(vars(cfg)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    done = subprocess.run([sys.executable, "-m", "mtprl", "train", "--config", str(cfg_file)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mtprl train: 1 process (world size 1, process-group backend "
+                                                   "none), device cpu, 1 torch thread(s) per process"), done.stderr
+    assert done.stdout.startswith("run finished in ")
