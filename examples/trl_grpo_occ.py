@@ -1,7 +1,7 @@
 """GRPO with OCC in TRL: train an MTP model on one of our verifiable task families with `MTPGRPOTrainer`.
 
     python examples/trl_grpo_occ.py                          # tiny fresh default, a few steps on CPU
-    python examples/trl_grpo_occ.py --model runs/base        # a checkpoint from `mtprl pretrain --out_dir runs/base`
+    python examples/trl_grpo_occ.py --model runs/base        # a checkpoint from `mtprl pretrain --output-dir runs/base`
     python examples/trl_grpo_occ.py --regime detach --steps 50
 
 A fresh tiny model earns (almost) no reward, so its updates are near zero: start from a pre-trained

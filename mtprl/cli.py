@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("mtprl.compare", "run chosen regimes x seeds with identical settings, paired comparison, report"),
     "smoke": ("mtprl.smoke", "build the tiny default MTP model and run one forward pass"),
     "train": ("mtprl.train.command", "RL from verifiable rewards with an MTP regime (GRPO/DAPO, OCC); writes a run dir"),
-    "pretrain": ("mtprl.train.pretrain", "pre-train the embedded default on generated traces (cached per config)"),
+    "pretrain": ("mtprl.pretrain.command", "pre-train the embedded default on generated traces (cached per config)"),
     "report": ("mtprl.report.command", "build a report folder (tables, claims, figures) from run directories"),
 }
 

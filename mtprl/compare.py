@@ -184,8 +184,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     """Run (or re-use) every regime × seed, then build the report; returns the report summary."""
     from mtprl.report import build_report, format_summary_table
     from mtprl.train import train
+    from mtprl.pretrain import PretrainConfig, ensure_base_model
     from mtprl.train.loop import check_inputs
-    from mtprl.train.pretrain import PretrainConfig, ensure_base_model
 
     start = time.perf_counter()
     runs = plan_runs(cfg)

@@ -146,7 +146,7 @@ def test_set_honours_every_other_setting(tmp_path):
 
 def test_bad_data_fails_before_the_base_is_pretrained(tmp_path, monkeypatch):
     """Finding 1 for compare/demo: the data is read before the shared base is pre-trained (or found)."""
-    import mtprl.train.pretrain as pretrain
+    import mtprl.pretrain as pretrain
     from mtprl.errors import UserError
 
     def no_pretraining(*args, **kwargs):

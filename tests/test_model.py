@@ -51,24 +51,34 @@ def test_tokenizer_round_trip_and_specials(tok, tmp_path):
 
 
 def test_aligned_log_probs_match_hand_built_heads(model, tok):
-    """Depth k's entry at t equals log-softmax of that head's output at source t-k-1, taken at x_t."""
+    """Depth k's entry at t equals log-softmax of that head's output at source t-k-1, taken at x_t.
+
+    Built by hand in MiMo's layout: depth 1 reads the trunk state before the final norm and the
+    next token's embedding (zeros at position 0), concat [hidden, token]; depth 2 reads depth 1's
+    state after its final_layernorm.
+    """
     ids, _ = _ids(tok, ["12+34=46"])
     L = ids.shape[1]
     out = model.token_log_probs(ids)
     with torch.no_grad():
         inner = model.base.get_decoder()
-        h = inner(input_ids=ids).last_hidden_state  # [1, L, d]
-        main = torch.log_softmax(model.base(input_ids=ids).logits.float(), -1)  # [1, L, V]
         emb = model.base.get_input_embeddings()
+        pos_all = torch.arange(L)[None]
+        h = emb(ids)
+        for layer in inner.layers:  # the trunk without its final norm
+            h = layer(h, position_ids=pos_all, position_embeddings=inner.rotary_emb(h, pos_all))
+        main = torch.log_softmax(model.base(input_ids=ids).logits.float(), -1)  # [1, L, V]
         prev, expected = h, []
         for k, layer in enumerate(model.mtp_layers):
             n = L - k - 1  # source positions 0..n-1 have a next token x_{i+k+1}
-            x = torch.cat([layer.hidden_layernorm(prev[:, :n]), layer.token_layernorm(emb(ids[:, k + 1 : k + 1 + n]))], -1)
-            x = layer.input_proj(x)
             pos = torch.arange(n)[None]
-            prev = layer.block(x, position_ids=pos, position_embeddings=inner.rotary_emb(x, pos))
-            logits = model.base.lm_head(layer.final_layernorm(prev))
-            expected.append(torch.log_softmax(logits.float(), -1))
+            e = emb(ids[:, k + 1 : k + 1 + n])
+            e[:, 0] = 0.0  # position 0's token is not an input
+            x = torch.cat([layer.hidden_layernorm(prev[:, :n]), layer.token_layernorm(e)], -1)
+            x = layer.input_proj(x)
+            block_out = layer.block(x, position_ids=pos, position_embeddings=inner.rotary_emb(x, pos))
+            prev = layer.final_layernorm(block_out)
+            expected.append(torch.log_softmax(model.base.lm_head(prev).float(), -1))
     for t in range(L):
         if t >= 1:
             assert out.mask[0, t]

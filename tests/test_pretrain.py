@@ -1,4 +1,4 @@
-"""Pre-training: loss maths, schedules, batches, a tiny run that learns, determinism, greedy decoding."""
+"""Pre-training: schedules, batches, a tiny run that learns, determinism, greedy decoding."""
 
 import dataclasses
 import math
@@ -8,41 +8,18 @@ import pytest
 import torch
 
 from mtprl.config import ConfigError, build_config
-from mtprl.model import LogProbs, build_tokenizer
+from mtprl.model import build_tokenizer
 from mtprl.tasks import Problem, get_task
-from mtprl.train.pretrain import (PretrainConfig, build_base, loss_curve, lr_factor, mtp_weight_at, pretrain_loss,
-                                  train_base)
-from mtprl.train.pretrain_data import encode_batch, trace_batches
-from mtprl.train.pretrain_eval import greedy_completions, mtp_top1_agreement
+from mtprl.pretrain.config import PretrainConfig
+from mtprl.pretrain.data import encode_batch, trace_batches
+from mtprl.pretrain.evaluate import greedy_completions, mtp_top1_agreement
+from mtprl.pretrain.loop import build_base, loss_curve, lr_factor, mtp_weight_at, train_base
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per process can stall each other badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(steps=40, batch_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, lr=1e-2,
             warmup_steps=5, suite_size=16, progress=False, threads=1)
-
-
-def test_pretrain_loss_by_hand():
-    # One sequence of 4 tokens, K = 2 depths. Main head valid at t=1..3, loss mask on t=2,3:
-    # main NLL = -(-1 + -3)/2 = 2. Depth 1 valid at t=2,3 (both in the loss mask): -(-2 + -4)/2 = 3.
-    # Depth 2 valid at t=3 only: -(-5)/1 = 5. MTP mean = (3 + 5)/2 = 4. Loss = 2 + 0.5 * 4 = 4.
-    lp = LogProbs(
-        log_probs=torch.tensor([[0.0, -7.0, -1.0, -3.0]]),
-        mask=torch.tensor([[False, True, True, True]]),
-        mtp_log_probs=torch.tensor([[[0.0, 0.0, -2.0, -4.0]], [[0.0, 0.0, 0.0, -5.0]]]),
-        mtp_mask=torch.tensor([[[False, False, True, True]], [[False, False, False, True]]]),
-        mtp_top1=torch.zeros(2, 1, 4, dtype=torch.bool),
-    )
-    loss_mask = torch.tensor([[False, False, True, True]])
-    loss, metrics = pretrain_loss(lp, loss_mask, mtp_weight=0.5)
-    assert loss.item() == pytest.approx(4.0)
-    assert metrics == pytest.approx({"loss": 4.0, "main_nll": 2.0, "mtp1_nll": 3.0, "mtp2_nll": 5.0})
 
 
 def test_schedules_by_hand():

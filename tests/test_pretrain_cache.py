@@ -8,8 +8,8 @@ from transformers import PreTrainedTokenizerFast
 from mtprl.cli import main
 from mtprl.config import build_config
 from mtprl.model import MTPCausalLM, build_tokenizer
-from mtprl.train import pretrain as pretrain_module
-from mtprl.train.pretrain import PretrainConfig, base_model_dir, cache_key, ensure_base_model, load_summary
+from mtprl.pretrain import loop as pretrain_module
+from mtprl.pretrain import PretrainConfig, base_model_dir, cache_key, ensure_base_model, load_summary
 
 TINY = dict(steps=6, batch_size=8, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
             suite_size=4, progress=False, threads=1)
@@ -25,7 +25,7 @@ def test_cache_key_depends_on_weight_fields_only():
     for field, value in [("seed", 1), ("steps", 7), ("imperfect_fraction", 0.5), ("suite_seed", 3), ("lr", 1e-3)]:
         assert cache_key(make(**{field: value})) != base, field
     for field, value in [("threads", 2), ("progress", True), ("eval_batch_size", 8), ("cache_dir", "/x"),
-                         ("out_dir", "/y")]:
+                         ("output_dir", "/y")]:
         assert cache_key(make(**{field: value})) == base, field
 
 
@@ -36,7 +36,7 @@ def test_cache_root_from_env_and_config(tmp_path, monkeypatch):
 
 
 def test_interrupted_pretraining_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    def crash(cfg, out_dir):
+    def crash(cfg, out_dir, **_):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
@@ -52,7 +52,7 @@ def test_interrupted_pretraining_leaves_nothing_that_looks_complete(tmp_path, mo
 def test_pretrain_command_writes_and_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     args = ["pretrain", "--cache-dir", str(tmp_path), "--steps", "6", "--batch-size", "8", "--hidden-size", "32",
             "--num-layers", "1", "--num-heads", "2", "--num-kv-heads", "1", "--suite-size", "4", "--no-progress",
-            "--threads", "1", "--out-dir", str(tmp_path / "copy")]
+            "--threads", "1", "--output-dir", str(tmp_path / "copy")]
     assert main(args) == 0
     first = capsys.readouterr().out
     directory = base_model_dir(make(cache_dir=str(tmp_path)))
@@ -77,3 +77,19 @@ def test_pretrain_command_writes_and_then_reuses_the_cache(tmp_path, monkeypatch
     assert main(args) == 0
     assert "reusing the cached base" in capsys.readouterr().out
     assert ensure_base_model(make(cache_dir=str(tmp_path))) == directory
+
+
+def test_implicit_pretraining_says_what_how_long_and_where(tmp_path, monkeypatch, capsys):
+    def fake(cfg, out_dir, **_):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", fake)
+    cfg = make(cache_dir=str(tmp_path), steps=2800)
+    directory = ensure_base_model(cfg)
+    notice = capsys.readouterr().err
+    assert "pre-training the embedded base model (2800 steps" in notice
+    assert "about 5 min" in notice and str(directory) in notice
+    ensure_base_model(cfg)  # cached now: says nothing
+    assert capsys.readouterr().err == ""

@@ -29,8 +29,8 @@ def model(one_thread):
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                       tie_word_embeddings=True, pad_token_id=0)
     m = MTPCausalLM(cfg, 1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # weights N(0, 4 / fan_in): peaked enough that q and p differ (acceptance ~0.45)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights N(0, 4 / fan_in): peaked enough that q and p differ (acceptance 0.3-0.45)
         for p in m.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 2.0 / p.shape[1] ** 0.5)

@@ -78,7 +78,7 @@ def bad_data_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 # ----- 1. cheap checks before expensive work -------------------------------------------------------------------------
 def test_bad_data_on_an_empty_cache_fails_before_pretraining(tmp_path, monkeypatch):
     """Finding 1: a missing `answer` column with the embedded default and no cached base used to pre-train first."""
-    import mtprl.train.pretrain as pretrain
+    import mtprl.pretrain as pretrain
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("pre-training started before the data was checked")

@@ -21,35 +21,90 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 from transformers.utils import logging as hf_logging
+
+from mtprl.model.layout import LEGACY_MTPRL, MIMO, declared_mtp_layers, layout_of
 
 logger = logging.getLogger(__name__)
 
-MTP_PREFIX = "model.mtp_layers."
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Our name of each non-block part of an MTP layer -> its name under each checkpoint naming.
+_PART_NAMES = {
+    "mimo": {"hidden_layernorm": "hidden_layernorm", "token_layernorm": "token_layernorm",
+             "input_proj": "input_proj", "final_layernorm": "final_layernorm"},
+    "deepseek": {"hidden_layernorm": "hnorm", "token_layernorm": "enorm", "input_proj": "eh_proj",
+                 "final_layernorm": "shared_head.norm"},
+    "qwen3_next": {"hidden_layernorm": "pre_fc_norm_hidden", "token_layernorm": "pre_fc_norm_embedding",
+                   "input_proj": "fc", "final_layernorm": "norm"},
+}
+# Copies of shared tensors some namings store inside each MTP layer (DeepSeek-V3): checked, not loaded.
+_SHARED_COPIES = {"embed_tokens.weight": "input", "shared_head.head.weight": "output"}
+
+
+class _Names:
+    """Checkpoint names of MTP layer k's tensors under one naming (`MTPLayout.naming`)."""
+
+    def __init__(self, naming: str, num_hidden_layers: int):
+        self.naming, self.parts, self.first = naming, _PART_NAMES[naming], num_hidden_layers
+        self.inverse = {v: k for k, v in self.parts.items()}
+
+    def part_prefix(self, k: int) -> str:
+        return {"mimo": f"model.mtp_layers.{k}.", "deepseek": f"model.layers.{self.first + k}.",
+                "qwen3_next": "mtp."}[self.naming]
+
+    def block_prefix(self, k: int) -> str:
+        return f"mtp.layers.{k}." if self.naming == "qwen3_next" else self.part_prefix(k)
+
+    def stored(self, module_key: str) -> str:
+        """`0.block.self_attn.q_proj.weight` -> e.g. `model.mtp_layers.0.self_attn.q_proj.weight`."""
+        idx, rest = module_key.split(".", 1)
+        k = int(idx)
+        if rest.startswith("block."):
+            return self.block_prefix(k) + rest[len("block."):]
+        part, tail = rest.split(".", 1)
+        return self.part_prefix(k) + self.parts[part] + "." + tail
+
+    def parse(self, key: str) -> tuple[int, str] | None:
+        """A stored key -> (k, module key), or None when the key is not an MTP weight of this naming."""
+        if self.naming == "mimo":
+            m = re.match(r"model\.mtp_layers\.(\d+)\.(.+)", key)
+            return None if m is None else self._split(int(m.group(1)), m.group(2))
+        if self.naming == "deepseek":
+            m = re.match(r"model\.layers\.(\d+)\.(.+)", key)
+            if m is None or int(m.group(1)) < self.first:
+                return None
+            return self._split(int(m.group(1)) - self.first, m.group(2))
+        m = re.match(r"mtp\.layers\.(\d+)\.(.+)", key)
+        if m is not None:
+            return int(m.group(1)), f"{m.group(1)}.block.{m.group(2)}"
+        return self._split(0, key[len("mtp."):]) if key.startswith("mtp.") else None
+
+    def _split(self, k: int, rest: str) -> tuple[int, str]:
+        if rest in _SHARED_COPIES:
+            return k, "shared:" + rest
+        for stored, ours in self.inverse.items():
+            if rest.startswith(stored + "."):
+                return k, f"{k}.{ours}{rest[len(stored):]}"
+        return k, f"{k}.block.{rest}" if self.naming != "qwen3_next" else f"{k}.{rest}"
 
 
 def mtp_state_dict(model) -> dict[str, torch.Tensor]:
-    """MTP weights keyed by MiMo names (`block.` dropped)."""
-    out = {}
-    for key, value in model.mtp_layers.state_dict().items():
-        idx, rest = key.split(".", 1)
-        rest = rest[len("block."):] if rest.startswith("block.") else rest
-        out[f"{MTP_PREFIX}{idx}.{rest}"] = value.detach().contiguous().cpu()
+    """MTP weights keyed by the checkpoint names of the model's layout."""
+    names = _Names(model.layout.naming, model.config.num_hidden_layers)
+    out = {names.stored(k): v.detach().contiguous().cpu() for k, v in model.mtp_layers.state_dict().items()}
+    if model.layout.naming == "deepseek":  # DeepSeek-V3 checkpoints carry the shared head in every MTP layer
+        head = model.base.get_output_embeddings().weight.detach().contiguous().cpu()
+        for k in range(model.num_mtp):
+            out[names.part_prefix(k) + "shared_head.head.weight"] = head.clone()
     return out
-
-
-def _to_module_key(mimo_key: str, block_keys: set[str]) -> str:
-    """`model.mtp_layers.0.self_attn.q_proj.weight` -> `0.block.self_attn.q_proj.weight`."""
-    idx, rest = mimo_key[len(MTP_PREFIX):].split(".", 1)
-    return f"{idx}.block.{rest}" if rest in block_keys else f"{idx}.{rest}"
 
 
 def save_mtp_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.num_nextn_predict_layers = model.num_mtp
+    model.config.mtp_layout = model.layout.to_dict()
     with quiet_transformers():
         model.base.save_pretrained(directory, safe_serialization=True)
     extra = mtp_state_dict(model)
@@ -70,14 +125,17 @@ def save_mtp_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
     return directory
 
 
-def _read_mtp_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _stored_keys(directory: Path) -> dict[str, Path]:
+    keys = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(MTP_PREFIX):
-                    tensors[key] = f.get_tensor(key)
-    return tensors
+            keys.update({key: file for key in f.keys()})
+    return keys
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def _check_safetensors_file(file: Path) -> None:
@@ -127,22 +185,48 @@ def check_checkpoint_dir(path: str | Path) -> None:
         _check_safetensors_file(file)
 
 
+def _load_trunk(path: Path, **kwargs):
+    config = AutoConfig.from_pretrained(path) if _model_type(path) != "mimo" else _mimo_as_qwen2(path)
+    with quiet_transformers():  # its load report would list every MTP key as "unexpected"
+        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+
+
+def _model_type(path: Path) -> str | None:
+    return json.loads((path / "config.json").read_text()).get("model_type")
+
+
+def _mimo_as_qwen2(path: Path):
+    """MiMo's trunk is Qwen2's (its remote code subclasses it): load it as such, running no remote code."""
+    fields = json.loads((path / "config.json").read_text())
+    fields = {k: v for k, v in fields.items() if k not in ("model_type", "auto_map", "architectures")}
+    config = Qwen2Config(**fields)
+    config.mtp_layout = fields.get("mtp_layout", MIMO.to_dict())
+    return config
+
+
 def load_mtp_checkpoint(cls, path: str | Path, num_mtp_layers: int | None = None, dtype=None):
     path = Path(path)
     check_checkpoint_dir(path)
-    stored = _read_mtp_tensors(path)
-    stored_layers = sorted({int(m.group(1)) for k in stored if (m := re.match(r"model\.mtp_layers\.(\d+)\.", k))})
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    with quiet_transformers():  # its load report would list every MTP key as "unexpected"
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    want = num_mtp_layers or getattr(base.config, "num_nextn_predict_layers", None) or max(len(stored_layers), 1)
-    model = cls(base, int(want))
-    block_keys = set(model.mtp_layers[0].block.state_dict())
+    base = _load_trunk(path, **({"dtype": dtype} if dtype is not None else {}))
+    keys = _stored_keys(path)
+    layout = layout_of(base.config, has_mimo_weights=any(k.startswith("model.mtp_layers.") for k in keys))
+    names = _Names(layout.naming, base.config.num_hidden_layers)
+    stored = {key: parsed for key in keys if (parsed := names.parse(key)) is not None}
+    stored_layers = {k for k, _ in stored.values()}
+    want = num_mtp_layers or declared_mtp_layers(base.config) or max(len(stored_layers), 1)
+    model = cls(base, int(want), layout=layout)
+    if layout == LEGACY_MTPRL:
+        logger.warning("'%s' was written by mtprl 0.1 (no mtp_layout in config.json): its MTP layers keep that "
+                       "version's convention (post-norm trunk state, position-0 token kept), which vLLM's MiMo "
+                       "does not serve", path)
     own = model.mtp_layers.state_dict()
     loaded = {}
-    for key, tensor in stored.items():
-        mkey = _to_module_key(key, block_keys)
-        if int(mkey.split(".", 1)[0]) >= model.num_mtp:
+    for key, (k, mkey) in stored.items():
+        if k >= model.num_mtp:
+            continue
+        tensor = _read(keys[key], key)
+        if mkey.startswith("shared:"):
+            _check_shared_copy(model, path, key, tensor, _SHARED_COPIES[mkey[len("shared:"):]])
             continue
         if mkey not in own:
             raise ValueError(f"checkpoint '{path}' has MTP weight '{key}' that this model's MTP layer lacks; "
@@ -157,25 +241,35 @@ def load_mtp_checkpoint(cls, path: str | Path, num_mtp_layers: int | None = None
         if have == need:
             continue
         if have:
-            missing = sorted(need - have)[:3]
+            missing = [names.stored(m) for m in sorted(need - have)[:3]]
             raise ValueError(f"MTP layer {k} in '{path}' is incomplete (missing e.g. {missing}); "
                              "re-save the checkpoint or drop its MTP weights to start fresh")
         init_fresh_mtp_layer(model, k)
         logger.warning("MTP layer %d not found in '%s': initialised fresh (block copied from the trunk's last "
-                       "layer, projection ~ N(0, %.3g^2), norms = 1)", k, path,
+                       "layer, projection ~ N(0, %.3g^2), norms at their initial value)", k, path,
                        getattr(model.config, "initializer_range", 0.02))
     model.mtp_layers.load_state_dict({**own, **loaded})
     return model
 
 
+def _check_shared_copy(model, path: Path, key: str, tensor: torch.Tensor, which: str) -> None:
+    mine = (model.base.get_input_embeddings() if which == "input" else model.base.get_output_embeddings()).weight
+    if tensor.shape != mine.shape or not torch.equal(tensor.to(mine.dtype), mine.detach().cpu()):
+        raise ValueError(f"'{key}' in '{path}' differs from the trunk's {which} embedding; mtprl shares one "
+                         "embedding and one output head between the trunk and its MTP layers")
+
+
 @torch.no_grad()
 def init_fresh_mtp_layer(model, k: int) -> None:
-    """Fresh MTP layer k: block copied from the trunk's last decoder layer, N(0, σ²) projection, unit norms."""
+    """Fresh MTP layer k: block copied from the trunk's matching layer, N(0, σ²) projection, norms as initialised."""
     layer = model.mtp_layers[k]
-    layer.block.load_state_dict(model.base.get_decoder().layers[-1].state_dict())
+    layers = model.base.get_decoder().layers
+    twin = layers[model._block_index(k)] if model.layout.naming == "qwen3_next" else layers[-1]
+    layer.block.load_state_dict(twin.state_dict())
     layer.input_proj.weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
     for norm in (layer.hidden_layernorm, layer.token_layernorm, layer.final_layernorm):
-        norm.weight.fill_(1.0)
+        # A fresh norm of the same class: ones, or zeros for zero-centred norms (Qwen3-Next's 1 + w).
+        norm.weight.copy_(type(norm)(norm.weight.shape[0]).weight)
 
 
 @contextlib.contextmanager

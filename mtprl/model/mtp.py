@@ -1,11 +1,17 @@
 """`MTPCausalLM`: any Hugging Face causal LM plus K multi-token-prediction layers.
 
 Layout (DESIGN §2, MiMo / DeepSeek-V3). Depth k (1-based) at source position i:
-    h^k_i = Block_k( input_proj_k( concat[ hidden_layernorm(h^{k-1}_i), token_layernorm(Emb(x_{i+k})) ] ) )
+    h^k_i = Block_k( input_proj_k( concat[ hidden_layernorm(s^{k-1}_i), token_layernorm(e_i) ] ) )
     logits = lm_head( final_layernorm(h^k_i) )          -> predicts x_{i+k+1}
-h^0 is the trunk's last hidden state (after its final norm, as MiMo and vLLM/SGLang feed it);
+with e_i = Emb(x_{i+k}) (zeros at position 0 where the layout says so, as vLLM does), s^0 the
+trunk's last state before or after its final norm, s^k (k ≥ 1) h^k before or after depth k's
+final_layernorm, and the concat order [hidden, token] or [token, hidden]: all four per model
+family, recorded in `MTPLayout` (`mtprl.model.layout`, which cites the reference code). The
+default, MiMo's: s^0 before the final norm, [hidden, token], position 0's token zeroed.
 Block_k is one decoder layer of the base model's own class; Emb and lm_head are the base's.
-The concat order [hidden, token] is MiMo's (DeepSeek-V3 uses [token, hidden]).
+
+`trunk()` returns s^0, the state depth 1 reads, and `logits()` maps it to the main head's logits
+(applying the final norm when s^0 precedes it), so callers never apply the norm themselves.
 
 Alignment (DESIGN §1): every returned tensor is indexed by *target* position t. The main head's
 entry at t is log p(x_t | x_<t) (from h_{t-1}); depth k's entry at t is its log-prob of the same
@@ -26,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
+from mtprl.model.layout import HIDDEN_TOKEN, POST_NORM, PRE_NORM, MTPLayout, layout_of
 from mtprl.model.logprobs import chunked_target_log_probs
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ class DetachSwitches:
 class MTPLayer(nn.Module):
     """One MTP depth: two RMSNorms, concat, Linear(2d→d, no bias), a decoder layer, a final RMSNorm."""
 
-    def __init__(self, config: PretrainedConfig, block: nn.Module, norm_cls: type):
+    def __init__(self, config: PretrainedConfig, block: nn.Module, norm_cls: type, layout: MTPLayout):
         super().__init__()
         d, eps = config.hidden_size, getattr(config, "rms_norm_eps", 1e-6)
         self.hidden_layernorm = norm_cls(d, eps=eps)
@@ -75,11 +82,15 @@ class MTPLayer(nn.Module):
         self.input_proj = nn.Linear(2 * d, d, bias=False)
         self.block = block
         self.final_layernorm = norm_cls(d, eps=eps)
+        self.hidden_first = layout.concat_order == HIDDEN_TOKEN
+        self.zero_first_token = layout.zero_first_token
 
     def forward(self, prev_hidden, token_embeds, *, attention_mask, position_ids, position_embeddings,
                 past_key_values=None, use_cache=False):
-        x = torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1)
-        x = self.input_proj(x)  # [B, L, d]
+        if self.zero_first_token:  # the token beside position 0's state is not an input (vLLM)
+            token_embeds = token_embeds.masked_fill((position_ids == 0)[..., None], 0.0)
+        h, e = self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)
+        x = self.input_proj(torch.cat([h, e] if self.hidden_first else [e, h], dim=-1))  # [B, L, d]
         out = self.block(x, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                          position_embeddings=position_embeddings,
                          **{_cache_name(type(self.block).forward): past_key_values})
@@ -98,33 +109,48 @@ def _as_base_model(base) -> PreTrainedModel:
 
 
 class MTPCausalLM(nn.Module):
-    """A causal LM (`self.base`) with `num_mtp` MTP layers (`self.mtp_layers`)."""
+    """A causal LM (`self.base`) with `num_mtp` MTP layers (`self.mtp_layers`) in layout `self.layout`."""
 
-    def __init__(self, base: PreTrainedModel | PretrainedConfig, num_mtp_layers: int = 1):
+    def __init__(self, base: PreTrainedModel | PretrainedConfig, num_mtp_layers: int = 1,
+                 layout: MTPLayout | None = None):
         super().__init__()
         if not isinstance(num_mtp_layers, int) or num_mtp_layers < 1:
             raise ValueError(f"num_mtp_layers must be an integer >= 1 (got {num_mtp_layers!r}); "
                              "use the `frozen` regime to train without an MTP term")
         self.base = _as_base_model(base)
+        self.layout = layout or layout_of(self.config, fresh=True)
+        if self.layout.naming == "qwen3_next" and num_mtp_layers > 1:
+            raise ValueError("Qwen3-Next's MTP layers share one input projection and norms, so mtprl maps one "
+                             f"layer only (asked for {num_mtp_layers}); use num_mtp_layers=1")
         inner = self.base.get_decoder()
         head = self.base.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("output heads with a bias are not supported (MiMo, DeepSeek, Qwen, Llama have none)")
         block_cls, norm_cls = type(inner.layers[0]), type(inner.norm)
         self.mtp_layers = nn.ModuleList(
-            MTPLayer(self.config, self._new_block(block_cls, k), norm_cls) for k in range(num_mtp_layers)
+            MTPLayer(self.config, self._new_block(block_cls, k), norm_cls, self.layout) for k in range(num_mtp_layers)
         )
         self.detach = DetachSwitches()
         self.config.num_nextn_predict_layers = num_mtp_layers
+        self.config.mtp_layout = self.layout.to_dict()
         self.to(device=self.base.device, dtype=self.base.dtype)
 
     def _new_block(self, block_cls: type, k: int) -> nn.Module:
-        # Built as layer 0 (valid for every config's per-layer settings); its attention caches
-        # as layer k of the separate MTP cache used during drafting.
-        block = block_cls(self.config, 0)
+        # Built as the layer index whose per-layer settings an MTP block of this family has
+        # (layer 0 for uniform trunks; after the trunk for DeepSeek/GLM, whose MTP blocks are MoE;
+        # a full-attention layer for Qwen3-Next); its attention caches as layer k of the separate
+        # MTP cache used during drafting.
+        block = block_cls(self.config, self._block_index(k))
         if hasattr(block, "self_attn"):
             block.self_attn.layer_idx = k
         return block
+
+    def _block_index(self, k: int) -> int:
+        if self.layout.naming == "deepseek":
+            return self.config.num_hidden_layers + k
+        if self.layout.naming == "qwen3_next":
+            return max(i for i, t in enumerate(self.config.layer_types) if t == "full_attention")
+        return 0
 
     # ----- basic accessors -------------------------------------------------------------------
     @property
@@ -199,11 +225,30 @@ class MTPCausalLM(nn.Module):
         return w.detach() if for_mtp and self.detach.head else w
 
     def trunk(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False):
-        """Trunk hidden states after the final norm ([B, L, d]) and the cache."""
-        decoder = self.base.get_decoder()
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=use_cache, **{_cache_name(type(decoder).forward): past_key_values})
-        return out.last_hidden_state, _output_cache(out)
+        """Trunk states s^0 as depth 1 reads them ([B, L, d]; `logits()` turns them into the main head's) and the cache."""
+        inner = self.base.get_decoder()
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": use_cache, _cache_name(type(inner).forward): past_key_values}
+        if self.layout.hidden_source == POST_NORM:
+            out = inner(**kwargs)
+            return out.last_hidden_state, _output_cache(out)
+        seen = []  # the final norm's input: the last decoder layer's output
+
+        def grab(_module, args, kwargs):
+            seen.append(args[0] if args else next(iter(kwargs.values())))
+
+        handle = inner.norm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = inner(**kwargs)
+        finally:
+            handle.remove()
+        return seen[-1], _output_cache(out)
+
+    def head_input(self, states: torch.Tensor) -> torch.Tensor:
+        """What the main output head multiplies: trunk states from `trunk()` after the final norm."""
+        if self.layout.hidden_source == PRE_NORM:
+            return self.base.get_decoder().norm(states)
+        return states
 
     def mtp_hidden(self, k: int, prev_hidden, next_ids, attention_mask, position_ids,
                    past_key_values=None, use_cache=False) -> torch.Tensor:
@@ -222,12 +267,19 @@ class MTPCausalLM(nn.Module):
         return self.mtp_layers[k](prev_hidden, embeds, attention_mask=mask4d, position_ids=position_ids,
                                   position_embeddings=rope, past_key_values=past_key_values, use_cache=use_cache)
 
+    def mtp_carry(self, k: int, hidden_k: torch.Tensor) -> torch.Tensor:
+        """The state depth k+1 (k 0-based) passes on to depth k+2, or to its own next draft step."""
+        if self.layout.chain_source == POST_NORM:
+            return self.mtp_layers[k].final_layernorm(hidden_k)
+        return hidden_k
+
     def mtp_logits(self, k: int, hidden_k: torch.Tensor) -> torch.Tensor:
         """Full logits of depth k+1 (k 0-based) from its states; for drafting a few positions."""
         return self.mtp_layers[k].final_layernorm(hidden_k) @ self.head_weight(for_mtp=True).T
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.base.get_output_embeddings()(hidden)
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Main-head logits from trunk states as `trunk()` returns them."""
+        return self.base.get_output_embeddings()(self.head_input(states))
 
     # ----- the training-time forward ---------------------------------------------------------
     def token_log_probs(self, input_ids, attention_mask=None, *, temperature: float = 1.0,
@@ -247,7 +299,7 @@ class MTPCausalLM(nn.Module):
 
         valid = torch.zeros_like(mask)
         valid[:, 1:] = mask[:, 1:] & mask[:, :-1]
-        src = hidden[:, :-1][valid[:, 1:]]  # [N, d] rows h_{t-1} for valid t
+        src = self.head_input(hidden[:, :-1][valid[:, 1:]])  # [N, d] rows h_{t-1} for valid t
         lp, ent, _ = chunked_target_log_probs(src, self.head_weight(), input_ids[valid], temperature=temperature,
                                               chunk_size=chunk_size, with_entropy=with_entropy)
         log_probs = self._scatter(lp, valid)
@@ -262,6 +314,8 @@ class MTPCausalLM(nn.Module):
             shift = k + 1  # depth k+1 at source i reads x_{i+k+1}, predicts x_{i+k+2}
             next_ids = torch.full_like(input_ids, self.config.pad_token_id or 0)
             next_ids[:, :-shift] = input_ids[:, shift:]
+            if k:
+                prev = self.mtp_carry(k - 1, prev)
             prev = self.mtp_hidden(k, prev, next_ids, mask.long(), pos)  # [B, L, d]
             v = torch.zeros_like(mask)
             v[:, shift + 1:] = mask[:, shift + 1:] & mask[:, : L - shift - 1]
@@ -288,6 +342,7 @@ class MTPCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, num_mtp_layers: int | None = None, dtype=None) -> "MTPCausalLM":
+        """A local checkpoint, its MTP layers mapped by the family's layout (fresh ones if it has none)."""
         from mtprl.model.checkpoint import load_mtp_checkpoint
 
         return load_mtp_checkpoint(cls, path, num_mtp_layers=num_mtp_layers, dtype=dtype)

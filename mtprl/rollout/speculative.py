@@ -16,7 +16,7 @@ before verification, so each cache only ever holds states of committed tokens.
 Departures from MiMo / DeepSeek-V3 multi-layer drafting:
   - Only the depth-1 MTP layer drafts. Drafts 2..D reuse it autoregressively (as vLLM and
     SGLang do for MTP drafting beyond the trained depths), feeding its own output state where
-    the trunk state would go; with K > 1 MTP layers, layers 2..K are not used for drafting
+    the trunk state would go (after its final norm where the family's layout says so, `mtp_carry`); with K > 1 MTP layers, layers 2..K are not used for drafting
     (their caches would need re-computation of recent slots after every rejection).
   - Draft tokens are sampled from the MTP distribution after the same temperature / top-k /
     top-p filters as the main policy (any proposal keeps the output exact; this one matches).
@@ -66,7 +66,8 @@ def draft(model: MTPCausalLM, state: DecodeState, params: SamplingParams, genera
         q.append(lp)
         if d + 1 < D:  # next draft: source next_pos + d, inputs (own state, draft just made)
             mask = torch.cat([state.mask, state.mask.new_ones(B, d + 1)], dim=1)
-            h = model.mtp_hidden(0, h[:, None], tokens[-1][:, None], mask, (state.next_pos + d)[:, None],
+            h = model.mtp_hidden(0, model.mtp_carry(0, h)[:, None], tokens[-1][:, None], mask,
+                                 (state.next_pos + d)[:, None],
                                  past_key_values=state.mtp_cache, use_cache=True)[:, 0]
     if D > 1:
         state.mtp_cache.crop(-(D - 1))  # drop the draft-only slots again

@@ -1,4 +1,4 @@
-"""Training: pre-training of the embedded default (`mtprl.train.pretrain`) and the RL loop.
+"""Training: the RL loop of `mtprl train` (pre-training of the embedded default is `mtprl.pretrain`).
 
 `TrainConfig` and `train` are imported on first use, so importing a submodule (say
 `mtprl.train.command` for `mtprl train --help`) does not import torch.

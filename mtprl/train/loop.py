@@ -47,7 +47,7 @@ def base_model_path(cfg: TrainConfig) -> Path:
     """The checkpoint directory the run starts from (pre-training the embedded default if needed)."""
     if cfg.model != TINY_DEFAULT:
         return Path(cfg.model)
-    from mtprl.train.pretrain import PretrainConfig, ensure_base_model
+    from mtprl.pretrain import PretrainConfig, ensure_base_model
 
     return ensure_base_model(PretrainConfig())
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from mtprl.rollout import SamplingParams, generate
 from mtprl.tasks import Problem, get_task
-from mtprl.train.pretrain_data import encode_batch
+from mtprl.pretrain.data import encode_batch
 
 
 @torch.no_grad()
