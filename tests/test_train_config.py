@@ -47,9 +47,13 @@ def test_bad_values_are_rejected_by_train_before_any_model(values, message):
 
 
 def _cli_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", *argv])
-    return str(exit_info.value) + capsys.readouterr().err
+    """What `mtprl train ARGV` prints on stderr; it must fail with status 2 (argparse's errors exit with it)."""
+    try:
+        code = cli.main(["train", *argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,15 +7,14 @@ second live process is refused with the owner's pid. In a multi-process launch o
 
 `plan_start` decides, before anything expensive and without writing, how the run starts:
 
-| resume | the directory holds                  | start                                                  |
-|--------|--------------------------------------|--------------------------------------------------------|
-| none   | nothing of a run                     | fresh                                                  |
-| none   | a run (metrics, summary, checkpoints)| refused, unless `overwrite`: fresh, replacing it      |
-| auto   | a checkpoint that verifies           | resume from the newest one that verifies (newer damaged ones are named in a warning) |
-| auto   | no complete checkpoint, no run       | fresh (said so)                                        |
-| auto   | a run but no complete checkpoint     | refused (its metrics would be lost), unless `overwrite`: fresh, replacing it |
-| auto   | only damaged checkpoints             | refused, naming the files                              |
-| PATH   | -                                    | PATH, if it verifies; else refused with the `--resume` of the previous good one |
+- resume none: a fresh run; refused when the directory holds a run (metrics, summary or
+  checkpoints), unless `overwrite`, which replaces it.
+- resume auto: the newest checkpoint that verifies (newer damaged ones are named in a warning);
+  refused when there are checkpoints but none verifies. Without a complete checkpoint: a fresh run
+  in an empty directory (said so); refused in a directory that holds a run, whose metrics would be
+  lost, unless `overwrite`, which starts it over.
+- resume PATH: that checkpoint if it verifies; else refused with the `--resume` of the previous
+  good one.
 
 Resuming with result-affecting settings that differ from the checkpoint's is refused with the
 list of differences (`result_differences`, the same rule `mtprl compare` re-uses runs by).
@@ -166,9 +165,9 @@ def _check_settings(cfg: TrainConfig, checkpoint: Path) -> None:
     recorded = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
     diff = result_differences(recorded, cfg)
     if diff:
-        raise ConfigError(f"cannot resume from '{checkpoint}' with other result-affecting settings ({'; '.join(diff)}); "
-                          "resume with the settings of that run, or start a new one (another --output-dir, or "
-                          "--overwrite)")
+        raise ConfigError(f"cannot resume from '{checkpoint}' with other result-affecting settings "
+                          f"({'; '.join(diff)}); resume with the settings of that run, or start a new one (another "
+                          "--output-dir, or --overwrite)")
 
 
 def plan_start(cfg: TrainConfig, run_dir: Path) -> StartPlan:
