@@ -108,6 +108,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
 
     def acquire(self) -> "RunLock":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"output_dir '{self.run_dir}' is a file, not a run directory; choose another --output-dir")
         self._made_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if fcntl is not None:
