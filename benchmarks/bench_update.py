@@ -49,13 +49,14 @@ def sync(device: torch.device) -> None:
 
 
 def time_update(base, regime: str, batch, device) -> float:
+    from mtprl.model import apply_regime
     from mtprl.train.config import TrainConfig
     from mtprl.train.distributed import Dist
-    from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+    from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
     cfg = TrainConfig(regime=regime, prompts_per_step=batch.size // 8, group_size=8)
     model = copy.deepcopy(base)
-    configure_regime(model, regime)
+    apply_regime(model, regime)
     optimizer, scheduler = build_optimizer(model, cfg)
     dist = Dist()
     dist.device = device

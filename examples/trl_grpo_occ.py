@@ -15,6 +15,7 @@ import argparse
 from trl import GRPOConfig
 
 from mtprl.integrations.trl import MTPGRPOTrainer, task_dataset, task_reward_function
+from mtprl.losses import MTP_REGIMES
 from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
 from mtprl.tasks import get_task, training_problems
 
@@ -23,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="MTPCausalLM checkpoint directory (default: the tiny fresh default)")
     parser.add_argument("--task", default="add", help="task family: add, expr or sort")
-    parser.add_argument("--regime", default="occ", help="frozen, detach, ce, policy, occ or occ-exact")
+    parser.add_argument("--regime", default="occ", choices=list(MTP_REGIMES), help="MTP regime")
     parser.add_argument("--coef", type=float, default=0.1, help="base MTP coefficient λ₀")
     parser.add_argument("--steps", type=int, default=8, help="optimiser steps")
     parser.add_argument("--out", default="runs/trl_grpo_occ", help="output directory (final checkpoint here)")

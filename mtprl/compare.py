@@ -6,6 +6,12 @@ unfinished one resumes from its latest checkpoint; one whose recorded config dif
 (nothing is overwritten). Runs go one after another in this process, or `workers` at a time in
 child processes (each with its share of the CPU threads). The report goes to OUTPUT_DIR/report.
 `mtprl demo` is the same experiment with a budget sized for a laptop CPU: one seed, ~15 minutes.
+
+The base model is evaluated once per experiment, with the final evaluation's sizes, into
+OUTPUT_DIR/base (`eval.json`: the metrics, the model's weights hash and the evaluation settings;
+`evals/step-0.json`: per-problem results), and shared by every run as its step 0: the runs
+themselves skip the step-0 evaluation (`eval_at_start: false`), and the report compares each
+run's final evaluation with the base problem by problem.
 """
 
 from __future__ import annotations
@@ -36,14 +42,15 @@ OWNED = {"regime": "set per run from --regimes", "seed": "set per run from --see
          "output_dir": "set per run under --output-dir", "steps": "use compare's --steps",
          "mtp_coef": "use compare's --mtp-coef", "occ_estimator": "use compare's --occ-estimator",
          "resume": "compare resumes unfinished runs and re-uses finished ones",
-         "overwrite": "compare restarts a run that saved no checkpoint (same settings, so nothing is lost)"}
+         "overwrite": "compare restarts a run that saved no checkpoint (same settings, so nothing is lost)",
+         "eval_at_start": "compare evaluates the shared base once, as every run's step 0"}
 
 
 @dataclasses.dataclass
 class CompareConfig:
     """Run MTP regimes side by side (same base, same settings, several seeds) and report."""
 
-    regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (frozen, detach, ce, policy, occ, occ-exact)")
+    regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (any of mtprl.losses.MTP_REGIMES)")
     seeds: list[int] = opt([0, 1, 2], "seeds; each regime runs once per seed")
     steps: int = opt(80, "RL steps per run")
     mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
@@ -56,11 +63,11 @@ class CompareConfig:
     workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
 
     def validate(self) -> None:
-        from mtprl.train.config import REGIMES
+        from mtprl.losses import MTP_REGIMES
 
         require(bool(self.regimes), "regimes must name at least one regime")
         for r in self.regimes:
-            require(r in REGIMES, f"unknown regime '{r}' in regimes; valid: {', '.join(REGIMES)}")
+            require(r in MTP_REGIMES, f"unknown regime '{r}' in regimes; valid: {', '.join(MTP_REGIMES)}")
         require(len(set(self.regimes)) == len(self.regimes), f"regimes repeat a name: {self.regimes}")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                 f"seeds must be one or more distinct integers, got {self.seeds}")
@@ -105,6 +112,7 @@ def plan_runs(cfg: CompareConfig) -> list[tuple[str, object]]:
             name = f"{regime}-seed{seed}"
             values = {**shared, "regime": regime, "seed": seed, "steps": cfg.steps, "mtp_coef": cfg.mtp_coef,
                       "occ_estimator": cfg.occ_estimator, "resume": "auto", "overwrite": True,
+                      "eval_at_start": False,
                       "output_dir": str(Path(cfg.output_dir) / "runs" / name)}
             runs.append((name, build_config(TrainConfig, values, f"the settings of run {name}")))
     return runs
@@ -180,6 +188,44 @@ def run_parallel(todo: list[tuple[str, object]], workers: int) -> None:
                            "re-running the same command resumes them")
 
 
+# TrainConfig fields that decide what the shared base evaluation measures.
+_BASE_EVAL_FIELDS = ("model", "num_mtp_layers", "data", "eval_data", "eval_suites", "families", "chat_template",
+                     "max_prompt_tokens", "max_new_tokens", "top_p", "top_k", "draft_tokens", "eval_k",
+                     "eval_temperature", "eval_limit", "final_eval_limit", "dtype", "micro_batch_size")
+
+
+def evaluate_base(train_cfg, out_dir: Path) -> dict:
+    """Evaluate the runs' starting model once (final sizes, seed 0) into out_dir; re-use a matching result."""
+    from mtprl.pretrain.cache import weights_hash
+    from mtprl.train.data import build_problems
+    from mtprl.train.distributed import Dist
+    from mtprl.train.evaluate import eval_size, evaluate, write_problem_results
+    from mtprl.train.loop import base_model_path, load_model
+
+    path = base_model_path(train_cfg)
+    settings = {k: getattr(train_cfg, k) for k in _BASE_EVAL_FIELDS}
+    record = {"model": str(path), "weights_hash": weights_hash(path), "settings": settings, "seed": 0}
+    saved = out_dir / "eval.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if {k: old.get(k) for k in ("weights_hash", "settings", "seed")} == {k: record[k] for k in
+                                                                              ("weights_hash", "settings", "seed")}:
+            return old
+    start = time.perf_counter()
+    eval_cfg = dataclasses.replace(train_cfg, seed=0)
+    model, tokenizer = load_model(path, eval_cfg, Dist().device)
+    _, reward_fn, suites = build_problems(eval_cfg)
+    size = eval_size(eval_cfg, eval_cfg.steps)
+    values, per_problem = evaluate(model, tokenizer, suites, reward_fn, eval_cfg, 0, Dist(), size=size)
+    write_problem_results(out_dir, 0, per_problem)
+    record.update(values=values, wall_time=time.perf_counter() - start)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, saved)
+    return record
+
+
 def run_compare(cfg: CompareConfig) -> dict:
     """Run (or re-use) every regime × seed, then build the report; returns the report summary."""
     from mtprl.report import build_report, format_summary_table
@@ -197,14 +243,19 @@ def run_compare(cfg: CompareConfig) -> dict:
           f"({', '.join(n for n, _ in todo) or 'none'})", flush=True)
     if todo and any(tc.model == "tiny-default" for _, tc in todo):
         ensure_base_model(PretrainConfig())  # pre-train (or find) the shared base once, before the runs
+    out = Path(cfg.output_dir)
+    base = evaluate_base(runs[0][1], out / "base")
+    avg = {k: v for k, v in base["values"].items() if k.startswith("eval/avg/")}
+    print(f"base model {base['model']} (weights hash {base['weights_hash']}): "
+          + ", ".join(f"{k[9:]} {v:.3f} ± {base['values']['eval_se/avg/' + k[9:]]:.3f}" for k, v in avg.items()),
+          flush=True)
     if cfg.workers > 1 and len(todo) > 1:
         run_parallel(todo, cfg.workers)
     else:
         for name, tc in todo:
             print(f"== {name}", flush=True)
             train(tc)
-    out = Path(cfg.output_dir)
-    summary = build_report([Path(tc.output_dir) for _, tc in runs], out / "report")
+    summary = build_report([Path(tc.output_dir) for _, tc in runs], out / "report", base_dir=out / "base")
     print(format_summary_table(summary))
     print(f"report: {out / 'report' / 'report.md'}  (wall time {time.perf_counter() - start:.0f}s)")
     return summary

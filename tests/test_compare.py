@@ -10,6 +10,7 @@ import yaml
 from mtprl.compare import CompareConfig, DemoConfig, plan_runs, run_compare, run_state
 from mtprl.config import ConfigError, build_config
 from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.pretrain.cache import weights_hash
 
 REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
 
@@ -56,10 +57,25 @@ def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys)
         assert f"{wall:.1f}" in printed
     pngs = list((tmp_path / "exp" / "report").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs)
-    # A second call re-uses every finished run instead of training again.
+    # The base was evaluated once, at the final sizes, and shared: no run evaluated step 0 itself, yet every
+    # run's curve starts at the base's row; the report carries the base's weights hash and each run's gain.
+    base = json.loads((tmp_path / "exp" / "base" / "eval.json").read_text())
+    assert base["weights_hash"] == weights_hash(base_dir) and base["weights_hash"] in report
+    assert base["values"]["eval_n/problems"] == 2 and (tmp_path / "exp" / "base" / "evals" / "step-0.json").is_file()
+    for regime in REGIMES:
+        rows = [json.loads(line) for line in (tmp_path / "exp" / "runs" / f"{regime}-seed0" / "metrics.jsonl")
+                .read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "eval"] == [1]
+        gain = summary["gain"]["avg@1"][regime]["avg"]
+        final = _final_eval(tmp_path / "exp" / "runs" / f"{regime}-seed0")
+        assert gain["mean"] == pytest.approx(final["eval/avg/avg@1"] - base["values"]["eval/avg/avg@1"])
+    assert "## Gain over the base" in report and "## Base model" in report
+    # A second call re-uses every finished run and the base evaluation instead of running them again.
+    stamp = (tmp_path / "exp" / "base" / "eval.json").stat().st_mtime_ns
     again = run_compare(cfg)
     assert "5 re-used, 0 to run" in capsys.readouterr().out
     assert again["accuracy"] == summary["accuracy"]
+    assert (tmp_path / "exp" / "base" / "eval.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ pytest.importorskip("trl", reason="the TRL adapter needs the trl extra: pip inst
 from trl import GRPOConfig, GRPOTrainer
 
 from mtprl.integrations.trl import MTPGRPOTrainer, task_dataset, task_reward_function, trl_aggregation
-from mtprl.losses import policy_loss
-from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
+from mtprl.losses import MTP_REGIMES, mtp_metric_keys, policy_loss
+from mtprl.model import MTPCausalLM, apply_regime, build_tiny_model, build_tokenizer
 from mtprl.tasks import Problem, get_task
 
 
@@ -52,7 +52,7 @@ def test_two_optimiser_steps_log_lambda_where_it_should_be(tmp_path, tokenizer, 
     lam = [h["mtp/0/lambda"] for h in steps]
     if regime == "detach":
         assert lam == pytest.approx([0.1, 0.1])  # fixed λ₀ / K, K = 1
-        assert model.detach.hidden and model.detach.embedding and model.detach.head
+        assert model.detach.hidden and model.detach.embedding and not model.detach.head  # the authors' baseline
     else:
         # Step 1 runs at θ = θ_old, so δ ≡ 0 and λ = 0; step 2 follows one update of the same rollout.
         assert lam[0] == 0.0
@@ -60,6 +60,30 @@ def test_two_optimiser_steps_log_lambda_where_it_should_be(tmp_path, tokenizer, 
     assert trainer.state.global_step == 2
     mtp_moved = any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n.startswith("mtp_layers"))
     assert mtp_moved, "the MTP layers were not trained"
+
+
+def flags(model: MTPCausalLM) -> tuple:
+    return (model.detach.hidden, model.detach.embedding, model.detach.head,
+            tuple(p.requires_grad for p in model.parameters()))
+
+
+@pytest.mark.parametrize("regime", list(MTP_REGIMES))
+def test_the_adapter_sets_up_the_model_as_the_trainer_does(tmp_path, tokenizer, regime):
+    """Same detach switches and requires_grad flags as `mtprl train` (`apply_regime`), from a model set up
+    for another regime first, and metrics with the keys of every other regime."""
+    data = task_dataset(get_task("add").generate(0, 4, 1))
+    ours = build_tiny_model(tokenizer)
+    other = "frozen" if MTP_REGIMES[regime].trains_mtp else "ce"
+    apply_regime(ours, other)
+    trainer = MTPGRPOTrainer(ours, reward_funcs=distinct_chars, args=config(tmp_path, steps_per_generation=2),
+                             train_dataset=data, processing_class=tokenizer, mtp_regime=regime)
+    theirs = build_tiny_model(tokenizer)
+    apply_regime(theirs, regime)
+    assert flags(trainer.model) == flags(theirs)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what TRL's training loop sets
+    trainer._compute_loss(trainer.model, fixed_batch(tokenizer, trainer.model))
+    assert mtp_metric_keys(1) <= trainer._metrics["train"].keys()
 
 
 def fixed_batch(tokenizer, model):

@@ -100,9 +100,9 @@ def test_policy_loss_token_mean_and_metrics_by_hand():
     loss, metrics = policy_loss(log_prob, OLD, ADV, PG_MASK)
     assert loss.item() == pytest.approx(sum(TOKEN_LOSS) / 6)  # 3.42 / 6 = 0.57
     assert metrics["pg/loss"] == pytest.approx(0.57)
-    assert metrics["pg/clip_frac_high"] == pytest.approx(1 / 6)  # r=1.5 with A>0
-    assert metrics["pg/clip_frac_low"] == pytest.approx(1 / 6)  # r=0.5 with A<0
-    assert metrics["pg/dual_clip_frac"] == 0.0
+    assert metrics["pg/clipfrac_high"] == pytest.approx(1 / 6)  # r=1.5 with A>0
+    assert metrics["pg/clipfrac_low"] == pytest.approx(1 / 6)  # r=0.5 with A<0
+    assert metrics["pg/dual_clipfrac"] == 0.0
     assert metrics["pg/ratio_mean"] == pytest.approx(9.1 / 6)  # (1.5+0.5+1.1+0.5+1.5+4) / 6
     assert (metrics["pg/ratio_min"], metrics["pg/ratio_max"]) == (pytest.approx(0.5), pytest.approx(4.0))
     sum_log = sum(math.log(r) for r in RATIOS.flatten().tolist())  # 0.906240
@@ -119,7 +119,7 @@ def test_policy_loss_dual_clip_bounds_negative_advantages_only():
     log_prob = LOG_PROB.clone().requires_grad_(True)
     loss, metrics = policy_loss(log_prob, OLD, ADV, PG_MASK, dual_clip=3.0)
     assert loss.item() == pytest.approx((sum(TOKEN_LOSS) - 4.0 + 3.0) / 6)  # 2.42 / 6
-    assert metrics["pg/dual_clip_frac"] == pytest.approx(1 / 6)
+    assert metrics["pg/dual_clipfrac"] == pytest.approx(1 / 6)
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[1, 2].item() == 0.0  # the dual-clipped token's loss is the constant 3
     # A positive advantage with a huge ratio is left alone by the dual clip: still -1.28 (clip high).
@@ -142,13 +142,16 @@ def test_policy_loss_seq_modes_and_per_token_advantages():
 
 
 def test_log_ratio_is_clamped_at_20_before_exp():
-    # log-ratio 50 with A = -1: the loss is the unclipped -A r = exp(20), not exp(50); no gradient.
+    # log-ratio 50 with A = -1 and no dual clip: the loss is the unclipped -A r = exp(20), not exp(50); no gradient.
     log_prob = torch.tensor([[50.0]], dtype=torch.float64, requires_grad=True)
     old = torch.zeros(1, 1, dtype=torch.float64)
-    loss, metrics = policy_loss(log_prob, old, torch.tensor([-1.0]), torch.ones(1, 1))
+    loss, metrics = policy_loss(log_prob, old, torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=None)
     assert loss.item() == pytest.approx(math.exp(20.0))
     assert metrics["pg/ratio_max"] == pytest.approx(math.exp(20.0))
     assert torch.autograd.grad(loss, log_prob)[0].item() == 0.0
+    # The default dual clip (c = 10, the paper's script) bounds the same token's loss by -A·c = 10.
+    loss, metrics = policy_loss(log_prob, old, torch.tensor([-1.0]), torch.ones(1, 1))
+    assert loss.item() == 10.0 and metrics["pg/dual_clipfrac"] == 1.0
 
 
 def test_clipped_surrogate_returns_the_matrix_and_clip_masks():

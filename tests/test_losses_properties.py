@@ -102,17 +102,24 @@ def test_policy_loss_gradient_matches_the_analytic_form(seed, shape, clip_low, c
     coef=st.floats(-1.0, 1.0),
     dual_clip=st.one_of(st.none(), st.just(3.0)),
 )
-def test_policy_regime_on_main_log_probs_is_lambda_times_main_loss(seed, shape, num_heads, agg, coef, dual_clip):
-    # Σ_k (coef / K) · L_k with every L_k = L_RL gives coef · L_RL (for K = 1, λ = coef).
+def test_policy_regime_on_main_log_probs_is_the_surrogate_with_scaled_advantages(
+    seed, shape, num_heads, agg, coef, dual_clip
+):
+    # Each of the K heads with m = ℓ is L_PG(ℓ; (coef / K)·A), so the K terms add up to K · L_PG(ℓ; (coef/K)·A);
+    # the surrogate is positively homogeneous in A, so for coef >= 0 that is coef · L_RL.
     old, delta, _, mask = _tensors(seed, shape, scale=0.5)
     adv = torch.randn(shape[0], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     log_prob = old + delta
-    main, _ = policy_loss(log_prob, old, adv, mask, dual_clip=dual_clip, agg=agg, norm_length=7)
+    options = dict(dual_clip=dual_clip, agg=agg, norm_length=7)
+    scaled, _ = policy_loss(log_prob, old, adv * (coef / num_heads), mask, **options)
     term, _ = mtp_loss(
         "policy", mtp_log_prob=log_prob.expand(num_heads, *shape), mtp_mask=mask.expand(num_heads, *shape),
-        old_log_prob=old, advantages=adv, coef=coef, dual_clip=dual_clip, agg=agg, norm_length=7,
+        log_prob=log_prob, old_log_prob=old, advantages=adv, coef=coef, **options,
     )
-    assert term.item() == pytest.approx(coef * main.item(), rel=1e-9, abs=1e-12)
+    assert term.item() == pytest.approx(num_heads * scaled.item(), rel=1e-9, abs=1e-12)
+    if coef >= 0:
+        main, _ = policy_loss(log_prob, old, adv, mask, **options)
+        assert term.item() == pytest.approx(coef * main.item(), rel=1e-9, abs=1e-12)
 
 
 GARBAGE = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0])
@@ -135,7 +142,8 @@ def test_masked_positions_change_nothing_whatever_they_hold(seed, shape, fill, a
             mtp_loss(
                 "occ", mtp_log_prob=m, mtp_mask=mask, log_prob=lp, old_log_prob=o, advantages=a, agg=agg, norm_length=5
             )[0],
-            mtp_loss("ce", mtp_log_prob=m, mtp_mask=mask, agg=agg, norm_length=5)[0],
+            mtp_loss("ce", mtp_log_prob=m, mtp_mask=mask, log_prob=lp, old_log_prob=o, advantages=a, agg=agg,
+                     norm_length=5)[0],
             occ_coefficient(m, lp, o, mask)[0],
         ]
         grads = torch.autograd.grad(sum(v for v in values[:5]), (lp, m))

@@ -9,7 +9,7 @@ import torch
 
 from mtprl.config import ConfigError, build_config
 from mtprl.model import build_tokenizer
-from mtprl.tasks import Problem, get_task
+from mtprl.tasks import SUITE_SEED, Problem, eval_suites, get_task
 from mtprl.pretrain.config import PretrainConfig
 from mtprl.pretrain.data import encode_batch, trace_batches
 from mtprl.pretrain.evaluate import greedy_completions, mtp_top1_agreement
@@ -60,16 +60,57 @@ def _completions(batch, tok):
     return rows
 
 
-@pytest.mark.parametrize("fraction, expected_reward", [(0.0, 1.0), (1.0, 0.0)])
-def test_trace_batches_imperfect_fraction(fraction, expected_reward):
+def _family(prompt):
+    return "sort" if prompt.startswith("sort") else ("expr" if " mod " in prompt else "add")
+
+
+def test_trace_batches_draw_the_intended_mixture():
+    # 50% shortcut, 10% slip, 40% correct, counted on 60 batches of 16 = 960 traces; each row is what its
+    # kind says: the reference solution, the family's shortcut, or a slip that scores 0.
     tok = build_tokenizer()
-    stream = trace_batches(tok, 0, 8, ["add", "expr", "sort"], [1, 2], fraction, suite_seed=1, suite_size=8,
-                           group_batches=2)
-    rows = [row for _ in range(4) for row in _completions(next(stream), tok)]
-    for prompt, completion in rows:
-        family = "sort" if prompt.startswith("sort") else ("expr" if " mod " in prompt else "add")
-        problem = _reference(family, prompt)
-        assert get_task(family).reward(problem, completion) == expected_reward
+    stream = trace_batches(tok, 0, 16, ["add", "expr", "sort"], [1, 2, 3], 0.5, 0.1, suite_seed=1, suite_size=8,
+                           group_batches=4)
+    counts = {"correct": 0, "shortcut": 0, "slip": 0}
+    shortcut_right = shortcut_total = 0
+    for _ in range(60):
+        batch = next(stream)
+        for (prompt, completion), kind in zip(_completions(batch, tok), batch.kinds):
+            counts[kind] += 1
+            family = _family(prompt)
+            task, problem = get_task(family), _reference(family, prompt)
+            reward = task.reward(problem, completion)
+            if kind == "correct":
+                assert reward == 1.0, (prompt, completion)
+            elif kind == "slip":
+                assert reward == 0.0, (prompt, completion)
+            else:
+                shortcut_total += 1
+                shortcut_right += reward == 1.0
+    n = sum(counts.values())
+    assert n == 960
+    # binomial sd at n = 960: sqrt(.25/960) = 0.016 for the 50% share; bounds at about 4 sd
+    assert abs(counts["shortcut"] / n - 0.5) < 0.065
+    assert abs(counts["slip"] / n - 0.1) < 0.04
+    assert abs(counts["correct"] / n - 0.4) < 0.065
+    # the shortcut is right on part of the problems only
+    assert 0.2 < shortcut_right / shortcut_total < 0.8
+
+
+def test_pretraining_batches_never_hold_a_suite_prompt():
+    # Difficulty 1 only, so the raw generator would hit the 256-problem suites often (expr-easy has about
+    # 6,000 distinct prompts); the batches must not.
+    tok = build_tokenizer()
+    held_out = {p.prompt for problems in eval_suites().values() for p in problems}
+    raw = get_task("expr").generate(0, 3000, 1)
+    assert held_out & {p.prompt for p in raw}
+    stream = trace_batches(tok, 0, 32, ["add", "expr", "sort"], [1, 2], 0.5, 0.0, SUITE_SEED, 256)
+    prompts = {prompt for _ in range(100) for prompt, _ in _completions(next(stream), tok)}
+    assert len(prompts) > 2000 and not held_out & prompts
+
+
+def test_trace_kind_rejects_a_mixture_over_one():
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        next(trace_batches(build_tokenizer(), 0, 4, ["add"], [1], 0.8, 0.3, 1, 8))
 
 
 def _reference(family, prompt):
@@ -87,8 +128,8 @@ def _reference(family, prompt):
 
 def test_trace_batches_are_deterministic():
     tok = build_tokenizer()
-    a = trace_batches(tok, 3, 8, ["add", "sort"], [1], 0.3, 1, 8, group_batches=2)
-    b = trace_batches(tok, 3, 8, ["add", "sort"], [1], 0.3, 1, 8, group_batches=2)
+    a = trace_batches(tok, 3, 8, ["add", "sort"], [1], 0.3, 0.1, 1, 8, group_batches=2)
+    b = trace_batches(tok, 3, 8, ["add", "sort"], [1], 0.3, 0.1, 1, 8, group_batches=2)
     for _ in range(3):
         x, y = next(a), next(b)
         assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.loss_mask, y.loss_mask)
@@ -140,7 +181,7 @@ def test_mtp_agreement_has_one_value_per_depth():
     "override, message",
     [
         ({"families": ["add", "mul"]}, "unknown: \\['mul'\\]"),
-        ({"imperfect_fraction": 1.5}, "imperfect_fraction must lie in"),
+        ({"shortcut_fraction": 0.7, "slip_fraction": 0.4}, "sum to at most 1"),
         ({"hidden_size": 30, "num_heads": 4}, "must divide by num_heads"),
         ({"steps": 0}, "steps must be >= 1"),
     ],

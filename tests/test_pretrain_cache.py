@@ -22,9 +22,9 @@ def make(**override):
 def test_cache_key_depends_on_weight_fields_only():
     base = cache_key(make())
     assert cache_key(make()) == base
-    for field, value in [("seed", 1), ("steps", 7), ("imperfect_fraction", 0.5), ("suite_seed", 3), ("lr", 1e-3)]:
+    for field, value in [("seed", 1), ("steps", 7), ("shortcut_fraction", 0.3), ("suite_seed", 3), ("lr", 1e-3)]:
         assert cache_key(make(**{field: value})) != base, field
-    for field, value in [("threads", 2), ("progress", True), ("eval_batch_size", 8), ("cache_dir", "/x"),
+    for field, value in [("threads", 2), ("progress", True), ("eval_batch_size", 8), ("eval_samples", 2), ("cache_dir", "/x"),
                          ("output_dir", "/y")]:
         assert cache_key(make(**{field: value})) == base, field
 
@@ -36,7 +36,7 @@ def test_cache_root_from_env_and_config(tmp_path, monkeypatch):
 
 
 def test_interrupted_pretraining_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    def crash(cfg, out_dir, **_):
+    def crash(cfg, out_dir):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
@@ -52,12 +52,13 @@ def test_interrupted_pretraining_leaves_nothing_that_looks_complete(tmp_path, mo
 def test_pretrain_command_writes_and_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     args = ["pretrain", "--cache-dir", str(tmp_path), "--steps", "6", "--batch-size", "8", "--hidden-size", "32",
             "--num-layers", "1", "--num-heads", "2", "--num-kv-heads", "1", "--suite-size", "4", "--no-progress",
-            "--threads", "1", "--output-dir", str(tmp_path / "copy")]
+            "--threads", "1", "--eval-samples", "2", "--output-dir", str(tmp_path / "copy")]
     assert main(args) == 0
     first = capsys.readouterr().out
     directory = base_model_dir(make(cache_dir=str(tmp_path)))
     summary = load_summary(directory)
-    assert set(summary["pass_at_1"]) == {"add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"}
+    assert set(summary["suites"]) == {"add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"}
+    assert {"greedy", "pass@1", "pass@1_se"} <= set(summary["mean"]) and summary["suites"]["add-easy"]["samples"] == 2
     assert len(summary["mtp_top1_agreement"]) == 1
     assert summary["parameters"]["total"] == summary["parameters"]["shared"] + summary["parameters"]["mtp"] > 0
     assert summary["cache_key"] == directory.name and "add-hard" in first
@@ -80,7 +81,7 @@ def test_pretrain_command_writes_and_then_reuses_the_cache(tmp_path, monkeypatch
 
 
 def test_implicit_pretraining_says_what_how_long_and_where(tmp_path, monkeypatch, capsys):
-    def fake(cfg, out_dir, **_):
+    def fake(cfg, out_dir):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         (out_dir / "summary.json").write_text("{}")

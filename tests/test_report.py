@@ -125,9 +125,10 @@ def test_paired_comparison_against_detach(report):
 def test_report_md_tables_show_the_numbers(report):
     _, out = report
     text = (out / "report.md").read_text()
-    # regime | n | add-easy | modexpr-hard | avg | MTP accept | wall time (s)
-    assert "| detach | 2 | 0.550 ± 0.071 | 0.350 ± 0.071 | 0.450 ± 0.071 | 0.750 ± 0.071 | 105.0 ± 7.1 |" in text
-    assert "| occ | 2 | 0.800 ± 0.141 | 0.400 ± 0.141 | 0.600 ± 0.141 | 0.650 ± 0.071 | 125.0 ± 7.1 |" in text
+    # regime | n | add-easy | modexpr-hard | avg | MTP accept | wall time (s); accuracies ± SE over the two
+    # seeds (sd/√2: 0.1/√2/√2 = 0.05 for detach, 0.2/2 = 0.1 for occ), the rest ± sd
+    assert "| detach | 2 | 0.550 ± 0.050 | 0.350 ± 0.050 | 0.450 ± 0.050 | 0.750 ± 0.071 | 105.0 ± 7.1 |" in text
+    assert "| occ | 2 | 0.800 ± 0.100 | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.650 ± 0.071 | 125.0 ± 7.1 |" in text
     assert "| occ | avg | s0: +0.100, s1: +0.200 | +0.150 | [-0.485, +0.785] | 0.500 | within noise |" in text
     assert "## Final accuracy — greedy" in text
     assert "Per suite: 0 of 2 tested comparisons fall outside the noise; about 0.1 would by chance" in text
@@ -197,18 +198,19 @@ def test_unfinished_run_uses_last_eval_row(tmp_path):
 def test_format_summary_table_is_aligned(report):
     summary, _ = report
     lines = format_summary_table(summary).splitlines()
-    assert lines[0] == "final accuracy (avg@4), mean ± std over seeds"
+    assert lines[0] == ("final accuracy (avg@4), mean ± standard error (over seeds when n > 1, over problems for one "
+                        "run)")
     header, rule, detach, occ = lines[1:5]
     assert header.split() == ["regime", "n", "add-easy", "modexpr-hard", "avg", "MTP", "accept", "wall", "time", "(s)"]
     assert len({len(header), len(rule), len(detach), len(occ)}) == 1  # every row padded to the same width
-    assert "0.450 ± 0.071" in detach and "0.600 ± 0.141" in occ
+    assert "0.450 ± 0.050" in detach and "0.600 ± 0.100" in occ
 
 
 def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
     out = tmp_path / "cli-report"
     assert main(["report", *map(str, runs), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "0.450 ± 0.071" in printed and "claim (1) occ matches or beats detach: reproduced" in printed
+    assert "0.450 ± 0.050" in printed and "claim (1) occ matches or beats detach: reproduced" in printed
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
 
 
@@ -301,7 +303,7 @@ def test_average_column_falls_back_to_the_suite_mean():
     avg = summary["accuracy"]["greedy"]["detach"]["avg"]
     assert avg["values"] == {"0": pytest.approx(0.4)} and avg["n"] == 1
     table = format_summary_table(summary)
-    assert "0.400 (n=1)" in table and "0.350 ± 0.212" in table  # suite a: (0.2, 0.5), sd 0.3/√2
+    assert "0.400 (n=1)" in table and "0.350 ± 0.150" in table  # suite a: (0.2, 0.5), SE 0.3/√2/√2
 
 
 def _figure_runs(tmp_path, draft_tokens):

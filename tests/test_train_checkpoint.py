@@ -7,21 +7,21 @@ import random
 import pytest
 import torch
 
-from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
 from mtprl.train.checkpoint import (
     MANIFEST, MARKER, CheckpointError, checkpoint_problem, latest_checkpoint, load_trainer_state, resumable_checkpoint,
     save_checkpoint, verify_checkpoint,
 )
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
-from mtprl.train.update import build_optimizer, configure_regime
+from mtprl.train.update import build_optimizer
 
 
 @pytest.fixture()
 def parts():
     tok = build_tokenizer()
     model = build_tiny_model(tok, num_mtp_layers=1, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    configure_regime(model, "occ")
+    apply_regime(model, "occ")
     optimizer, scheduler = build_optimizer(model, TrainConfig(lr=1e-3, warmup_steps=3))
     for p in model.parameters():  # one real AdamW step so that the optimizer has state
         p.grad = torch.ones_like(p)

@@ -25,8 +25,8 @@ BAD_VALUES = [
     ({"group_size": 1}, "group_size must be >= 2"),
     ({"prompts_per_step": 3, "group_size": 2, "mini_batches": 4}, "mini_batches (4) must divide the rollout batch"),
     ({"lr": -1e-5}, "lr must be >= 0"),
-    ({"regime": "occ-fancy"}, "config field 'regime' must be one of 'frozen', 'detach', 'ce', 'policy', 'occ', "
-                              "'occ-exact'"),
+    ({"regime": "occ-fancy"}, "regime must be one of frozen, detach, detach-mtp-only, ce, policy, occ, occ-exact "
+                              "(the registered regimes); got 'occ-fancy'"),
     ({"data": "/nonexistent/math.jsonl"}, "data file '/nonexistent/math.jsonl' does not exist"),
     ({"model": "/nonexistent/ckpt"}, "model '/nonexistent/ckpt' is not a local Hugging Face checkpoint"),
     ({"families": ["add", "poetry"]}, "unknown task family 'poetry'"),
@@ -60,7 +60,7 @@ def _cli_error(capsys, argv: list[str]) -> str:
     (["--group-size", "1"], "group_size must be >= 2"),
     (["--mini-batches", "3"], "mini_batches (3) must divide the rollout batch prompts_per_step × group_size = 16"),
     (["--lr", "-0.1"], "lr must be >= 0"),
-    (["--regime", "sideways"], "invalid choice: 'sideways'"),
+    (["--regime", "sideways"], "regime must be one of frozen, detach, detach-mtp-only, ce, policy, occ, occ-exact"),
     (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
     (["--steps", "1.5"], "config field 'steps' must be int"),
 ])

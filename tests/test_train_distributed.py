@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
 from mtprl.train.batch import TrainBatch
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist, launch_mismatch, shutdown
-from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -49,7 +49,7 @@ def update_config() -> TrainConfig:
 def one_update(dist: Dist) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     cfg = update_config()
     model = build_tiny_model(build_tokenizer(), num_mtp_layers=1, seed=5, **SMALL).eval()
-    configure_regime(model, cfg.regime)
+    apply_regime(model, cfg.regime)
     optimizer, scheduler = build_optimizer(model, cfg)
     batch = global_batch()
     prepare_log_probs(model, None, batch, cfg, step=1, dist=dist)

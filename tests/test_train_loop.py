@@ -13,21 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import small_train_config as small_config
 from mtprl.config import build_config
+from mtprl.losses import MTP_REGIMES, fixed_coefficient, register_regime, surrogate_head
 from mtprl.train import TrainConfig, train
 from mtprl.train.checkpoint import latest_checkpoint
-from mtprl.train.config import REGIMES
 from mtprl.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time", "time/rollout_s", "time/update_s", "rollout/tokens_per_s"}
+REGIMES = list(MTP_REGIMES)  # the built-in ones, before any test registers its own
 TRAIN_KEYS = {
     "reward/mean", "acc", "response_len/mean", "entropy", "pg/loss", "pg/clipfrac_low", "pg/clipfrac_high",
-    "pg/approx_kl", "grad_norm", "lr", "mtp/0/lambda", "mtp/0/lambda_first", "mtp/0/c_hat", "mtp/0/loss",
-    "mtp/0/top1", "rollout/accept_rate", "sampling/draws",
+    "pg/approx_kl", "grad_norm", "lr", "mtp/0/lambda", "mtp/0/lambda_first", "mtp/0/c_hat", "mtp/0/proxy_c_hat",
+    "mtp/0/loss", "mtp/0/top1", "rollout/accept_rate", "sampling/draws",
 }
 EXACT_KEYS = {f"exact/0/{name}" for name in ("dot", "g_rl_sq", "g_mtp_sq", "cos", "slope", "proxy_c_hat")}
 EVAL_KEYS = {"eval/add-easy/avg@2", "eval/add-easy/greedy", "eval/avg/avg@2", "eval/avg/greedy", "eval/mtp_top1"}
@@ -39,7 +41,7 @@ def regime_runs(tiny_checkpoint, tmp_path_factory):
     return {regime: train(small_config(tiny_checkpoint, root / regime, regime=regime)) for regime in REGIMES}
 
 
-@pytest.mark.slow  # the fixture trains six runs
+@pytest.mark.slow  # the fixture trains one run per regime
 @pytest.mark.parametrize("regime", REGIMES)
 def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     run_dir = regime_runs[regime]
@@ -53,15 +55,47 @@ def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     assert EXACT_KEYS <= train_records[0].keys() and not EXACT_KEYS & train_records[1].keys()  # exact_every=2
     assert EVAL_KEYS <= eval_records[0].keys()
     assert train_records[0]["grad_norm"] > 0  # the overlong shaping gave non-zero advantages
-    lam = train_records[0]["mtp/0/lambda_first"]
-    assert lam == {"frozen": 0.0, "occ": 0.0}.get(regime, lam)
-    if regime in ("detach", "ce", "policy"):
+    lam, spec = train_records[0]["mtp/0/lambda_first"], MTP_REGIMES[regime]
+    if not spec.has_term or spec.uses_drift:
+        assert lam == 0.0  # no term, or λ from δ = ℓ − ℓ° = 0 on the first mini-batch
+    if spec.coefficient is fixed_coefficient:
         assert lam == pytest.approx(0.1)  # λ₀ / K with λ₀ = 0.1, K = 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["regime"] == regime and summary["seed"] == 0 and EVAL_KEYS <= summary["eval"].keys()
     saved = build_config(TrainConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert saved.regime == regime and saved.mtp_coef == 0.1 and saved.occ_estimator == "mean-ratio"
     assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000002"
+
+
+@pytest.mark.slow
+def test_every_regime_logs_the_same_train_keys(regime_runs):
+    keys = {regime: set(read_metrics(d / "metrics.jsonl")[0]) for regime, d in regime_runs.items()}
+    assert all(k == keys["occ"] for k in keys.values()), {r: k ^ keys["occ"] for r, k in keys.items()}
+
+
+def sign_proxy(x, k):
+    """A toy coefficient rule: λ_k = (λ₀ / K)·sign(ĉ_k), ĉ_k the OCC proxy."""
+    c_hat = torch.sign(x.proxy[k])
+    return x.base * c_hat, c_hat
+
+
+@pytest.fixture
+def toy_regime():
+    yield register_regime("toy-sign", surrogate_head, sign_proxy, uses_drift=True)
+    del MTP_REGIMES["toy-sign"]
+
+
+@pytest.mark.slow  # compares with the regime runs
+def test_a_registered_regime_trains_through_mtprl_train(tiny_checkpoint, tmp_path, toy_regime, regime_runs):
+    run_dir = train(small_config(tiny_checkpoint, tmp_path / "toy", regime="toy-sign"))
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert set(records[0]) == set(read_metrics(regime_runs["occ"] / "metrics.jsonl")[0])  # the same keys
+    # λ_first = 0 (δ ≡ 0, sign 0); the mean over the 2 mini-batches is (0 ± 0.1) / 2.
+    assert all(r["mtp/0/lambda_first"] == 0.0 for r in records)
+    assert all(abs(r["mtp/0/lambda"]) == pytest.approx(0.05) for r in records)
+    assert records[0]["grad_norm"] > 0 and records[0]["mtp/grad_norm"] > 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["regime"] == "toy-sign"
 
 
 @pytest.mark.slow

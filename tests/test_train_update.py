@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from mtprl.losses import gradient_alignment, mtp_head_losses, policy_loss
-from mtprl.model import build_tiny_model, build_tokenizer
+from mtprl.losses import gradient_alignment, mtp_head_losses, mtp_loss, policy_loss
+from mtprl.model import MTPCausalLM, apply_regime, build_tiny_model, build_tokenizer, tiny_config
 from mtprl.train.batch import TrainBatch, head_masks, response_log_probs
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 from mtprl.train.update import (
-    Counts, accumulate_gradients, build_optimizer, configure_regime, microbatch_loss, minibatch_update,
-    prepare_log_probs, train_on_batch,
+    Counts, accumulate_gradients, build_optimizer, microbatch_loss, minibatch_update, prepare_log_probs,
+    train_on_batch,
 )
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -47,7 +47,7 @@ def base_model():
 
 def fresh(base, regime):
     model = copy.deepcopy(base)
-    configure_regime(model, regime)
+    apply_regime(model, regime)
     return model
 
 
@@ -69,8 +69,8 @@ def test_head_masks_follow_the_model(base_model):
     assert main.tolist() == [[True, True]] and heads[:, 0].tolist() == [[True, True], [False, True]]
 
 
-@pytest.mark.parametrize("regime", ["frozen", "detach"])
-def test_frozen_and_detach_leave_the_shared_gradient_of_the_main_loss(base_model, regime):
+@pytest.mark.parametrize("regime", ["frozen", "detach-mtp-only"])
+def test_frozen_and_detach_mtp_only_leave_the_shared_gradient_of_the_main_loss(base_model, regime):
     cfg = make_config(regime)
     batch = make_batch(num_heads=1)
     model = fresh(base_model, regime)
@@ -84,21 +84,58 @@ def test_frozen_and_detach_leave_the_shared_gradient_of_the_main_loss(base_model
     plain = fresh(base_model, "policy")
     mb = batch.select(rows)
     lp = response_log_probs(plain, mb, 1.0, mtp=False)
-    main, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, 0.2, 0.28)
+    main, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, 0.2, 0.28, cfg.dual_clip)
     main.backward()
     for a, b in zip(with_mtp, shared_grads(plain)):
         assert torch.equal(a, b)
     mtp_grads = [p.grad for p in model.mtp_parameters()]
     if regime == "frozen":
         assert all(g is None for g in mtp_grads) and metrics["mtp/0/lambda"] == 0.0
-    else:  # detach trains the MTP layer on its own
+    else:  # detach-mtp-only trains the MTP layer on its own
         assert sum(float(g.abs().sum()) for g in mtp_grads) > 0 and metrics["mtp/0/lambda"] == pytest.approx(0.5)
 
 
-def test_detach_takes_the_same_shared_step_as_frozen_even_when_clipping(base_model):
-    """Shared and MTP-only gradients are clipped separately, so detach's shared update is frozen's."""
+def untied_model(regime: str) -> MTPCausalLM:
+    """A tiny model whose token embedding and output head are separate tensors (as in MiMo-7B)."""
+    config = tiny_config(build_tokenizer(), **SMALL)
+    config.tie_word_embeddings = False
+    torch.manual_seed(5)
+    model = MTPCausalLM(config, 1).eval()
+    assert model.base.get_input_embeddings().weight is not model.base.get_output_embeddings().weight
+    apply_regime(model, regime)
+    return model
+
+
+@pytest.mark.parametrize("regime", ["detach", "detach-mtp-only", "ce"])
+def test_what_the_mtp_term_sends_into_the_shared_parameters(regime):
+    """detach (the authors'): exactly zero into trunk and embedding, non-zero into the output head;
+    detach-mtp-only: zero into every shared parameter; ce: the full gradient (embedding included)."""
+    model = untied_model(regime)
+    cfg = make_config(regime)
+    batch = make_batch(num_heads=1)
+    prepare_log_probs(model, None, batch, cfg, step=1, dist=Dist())
+    mb = batch.select(torch.arange(batch.size))
+    lp = response_log_probs(model, mb, 1.0)
+    term, _ = mtp_loss(regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask, log_prob=lp.log_probs,
+                       old_log_prob=mb.old_log_probs, advantages=mb.advantages, coef=0.5)
+    head = model.base.get_output_embeddings().weight
+    embedding = model.base.get_input_embeddings().weight
+    trunk = [p for p in model.shared_parameters() if p is not head and p is not embedding]
+    grads = torch.autograd.grad(term, [head, embedding, *trunk], allow_unused=True)
+    size = [0.0 if g is None else float(g.abs().sum()) for g in grads]
+    head_size, embedding_size, trunk_size = size[0], size[1], sum(size[2:])
+    if regime == "detach":
+        assert head_size > 0 and embedding_size == 0.0 and trunk_size == 0.0
+    elif regime == "detach-mtp-only":
+        assert head_size == embedding_size == trunk_size == 0.0
+    else:
+        assert head_size > 0 and embedding_size > 0 and trunk_size > 0
+
+
+def test_detach_mtp_only_takes_the_same_shared_step_as_frozen_even_when_clipping(base_model):
+    """Shared and MTP-only gradients are clipped separately, so detach-mtp-only's shared update is frozen's."""
     results = {}
-    for regime in ("frozen", "detach"):
+    for regime in ("frozen", "detach-mtp-only"):
         cfg = make_config(regime, max_grad_norm=1e-3)  # clipping certainly active
         model = fresh(base_model, regime)
         optimizer, scheduler = build_optimizer(model, cfg)
@@ -107,7 +144,7 @@ def test_detach_takes_the_same_shared_step_as_frozen_even_when_clipping(base_mod
         metrics = minibatch_update(model, optimizer, scheduler, batch, torch.arange(8), cfg, Dist())
         assert metrics["grad_norm"] > 1e-3
         results[regime] = [p.detach().clone() for p in model.shared_parameters()]
-    for a, b in zip(results["frozen"], results["detach"]):
+    for a, b in zip(results["frozen"], results["detach-mtp-only"]):
         assert torch.equal(a, b)
 
 
@@ -154,7 +191,7 @@ def test_occ_exact_uses_the_exact_slope(base_model):
 
     lp = response_log_probs(model, mb, 1.0)
     rl, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, 0.2, 0.28)
-    (head,) = mtp_head_losses("policy", mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
+    (head,) = mtp_head_losses("policy", mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask, log_prob=lp.log_probs,
                               old_log_prob=mb.old_log_probs, advantages=mb.advantages)
     slope = gradient_alignment(model.shared_parameters(), rl, head)["slope"]
     assert slope != 0.0
@@ -197,7 +234,7 @@ def test_kl_loss_to_the_frozen_reference(base_model):
 @pytest.mark.parametrize("regime", ["occ-exact", "ce"])
 def test_two_heads_each_get_their_own_lambda_and_exact_terms(regime):
     model = build_tiny_model(build_tokenizer(), num_mtp_layers=2, seed=4, **SMALL).eval()
-    configure_regime(model, regime)
+    apply_regime(model, regime)
     cfg = make_config(regime, mini_batches=2, micro_batch_size=8)
     optimizer, scheduler = build_optimizer(model, cfg)
     batch = make_batch(num_heads=2)

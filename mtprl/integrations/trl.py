@@ -5,18 +5,22 @@ The trainer changes two of TRL's extension points and nothing else:
   main-head log-probs and entropies; inside the loss computation it also keeps the MTP heads'
   log-probs of the same completion tokens (`[K, B, T]`, aligned to the main head's positions).
 - `_compute_loss`: TRL's own loss (every loss type, KL, entropy bonus, masks, importance weights)
-  plus Σ_k λ_k·L_k from `mtprl.losses.mtp_loss`, reduced the way TRL reduces its loss for
-  `loss_type` (`trl_aggregation`). λ_k, ĉ_k and the other MTP metrics go to TRL's metrics
-  (`mtp/0/lambda`, `mtp/0/c_hat`, ... next to `reward`, `entropy`, `clip_ratio/*`).
+  plus the MTP term Σ_k term_k of `mtprl.losses.mtp_loss`, reduced the way TRL reduces its loss for
+  `loss_type` (`trl_aggregation`). λ_k, ĉ_k, the proxy and the other MTP metrics (the same keys under
+  every regime) go to TRL's metrics (`mtp/0/lambda`, `mtp/0/proxy_c_hat`, ... next to `reward`,
+  `entropy`, `clip_ratio/*`).
+The model is set up for the regime by `mtprl.model.apply_regime`, the trainer's own function, from
+the regime's record in `mtprl.losses.MTP_REGIMES`.
 OCC's δ = ℓ − ℓ° is non-zero only when TRL keeps old log-probs from before an optimiser step, i.e.
 when `steps_per_generation` > `gradient_accumulation_steps` (several optimiser steps per rollout
 batch; the paper uses 4) or `num_iterations` > 1. Otherwise TRL uses ℓ° = ℓ.detach() and λ ≡ 0.
 
 Departures from TRL's loss and the paper:
 - The MTP surrogate is always the token-level clipped surrogate with TRL's `epsilon` /
-  `epsilon_high` (DESIGN §1), whatever TRL's `loss_type` (cispo, sapo, vespo change the main term
-  only), `importance_sampling_level`, `delta` and off-policy / entropy masks; only its reduction
-  follows `loss_type`.
+  `epsilon_high` and our dual clip (`dual_clip`, default 10 as in the paper's script; TRL's main loss
+  has none), whatever TRL's `loss_type` (cispo, sapo, vespo change the main term only),
+  `importance_sampling_level`, `delta` and off-policy / entropy masks; only its reduction follows
+  `loss_type`. As in the authors' code, λ scales the advantages inside it (`mtprl.losses.mtp_heads`).
 - Main log-probs come from `token_log_probs`, whose positions count real tokens only, so left
   padding does not shift them; TRL's own forward passes no position ids (same numbers without padding).
 - Metrics are averaged over processes; ĉ is computed per micro-batch and process.
@@ -37,8 +41,8 @@ from torch import Tensor
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
 
-from mtprl.losses import MTP_REGIMES, gradient_alignment, mtp_head_losses, mtp_loss
-from mtprl.model import LogProbs, MTPCausalLM
+from mtprl.losses import DUAL_CLIP, exact_slopes, mtp_head_losses, mtp_loss
+from mtprl.model import LogProbs, MTPCausalLM, apply_regime
 from mtprl.tasks import Problem, TaskFamily
 
 logger = logging.getLogger(__name__)
@@ -92,17 +96,6 @@ class TRLMTPCausalLM(MTPCausalLM):
         return self.base.add_model_tags(tags)
 
 
-def apply_regime(model: MTPCausalLM, regime: str) -> None:
-    """Detach switches and trainable MTP layers for `regime`: detach stops every MTP path into θ_s,
-    frozen fixes φ (no MTP term either), the others train φ and θ_s jointly."""
-    if regime not in MTP_REGIMES:
-        raise ValueError(f"unknown MTP regime {regime!r}; valid regimes: {', '.join(MTP_REGIMES)}")
-    detach = regime == "detach"
-    model.set_detach(hidden=detach, embedding=detach, head=detach)
-    for p in model.mtp_parameters():
-        p.requires_grad_(regime != "frozen")
-
-
 def trl_aggregation(
     loss_type: str,
     mask: Tensor,
@@ -144,9 +137,9 @@ def trl_aggregation(
 class MTPGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` for an `MTPCausalLM`, adding the MTP term of `mtp_regime` (module docstring).
 
-    `mtp_regime`: frozen, detach, ce, policy, occ (default) or occ-exact; `mtp_coef`: λ₀ (split over
-    the K heads); `occ_estimator`, `occ_clip`, `occ_eps`: those of `mtprl.losses.mtp_loss`. Every
-    other argument is `GRPOTrainer`'s. Checkpoints are written with `MTPCausalLM.save_pretrained`
+    `mtp_regime`: a registered regime (`mtprl.losses.MTP_REGIMES`; default occ); `mtp_coef`: λ₀ (split
+    over the K heads); `occ_estimator`, `occ_clip`, `occ_eps` and `dual_clip` (of the MTP surrogate):
+    those of `mtprl.losses.mtp_loss`. Every other argument is `GRPOTrainer`'s. Checkpoints are written with `MTPCausalLM.save_pretrained`
     (MiMo layout, loadable with `MTPCausalLM.from_pretrained`).
     """
 
@@ -159,6 +152,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         occ_estimator: str = "mean-ratio",
         occ_clip: tuple[float, float] | None = None,
         occ_eps: float = 1e-8,
+        dual_clip: float | None = DUAL_CLIP,
         **kwargs,
     ):
         if not isinstance(model, MTPCausalLM):
@@ -167,19 +161,20 @@ class MTPGRPOTrainer(GRPOTrainer):
         if type(model) is not MTPCausalLM and not isinstance(model, TRLMTPCausalLM):
             raise TypeError(f"{type(model).__name__} subclasses MTPCausalLM; derive it from "
                             "mtprl.integrations.trl.TRLMTPCausalLM instead so TRL finds the HF model API")
-        apply_regime(model, mtp_regime)
+        self.regime = apply_regime(model, mtp_regime)
         if type(model) is MTPCausalLM:
             model.__class__ = TRLMTPCausalLM  # adds the HF API methods only (class docstring)
         self.mtp_regime, self.mtp_coef = mtp_regime, mtp_coef
         self.occ_options = {"occ_estimator": occ_estimator, "occ_clip": occ_clip, "occ_eps": occ_eps}
+        self.dual_clip = dual_clip
         self._mtp_capture: list[tuple[Tensor, Tensor, Tensor]] | None = None
         super().__init__(model, *args, **kwargs)
         if self.loss_type not in TRL_LOSS_TYPES:
             raise ValueError(f"MTPGRPOTrainer supports loss_type in {TRL_LOSS_TYPES}, got {self.loss_type!r}")
-        if mtp_regime == "occ" and self.num_iterations == 1 and (
+        if self.regime.uses_drift and self.num_iterations == 1 and (
             self.args.steps_per_generation <= self.args.gradient_accumulation_steps
         ):
-            logger.warning("OCC's λ stays 0: with num_iterations=1 and steps_per_generation <= "
+            logger.warning(f"{mtp_regime}: OCC's λ stays 0: with num_iterations=1 and steps_per_generation <= "
                            "gradient_accumulation_steps every optimiser step sees θ = θ_old. Set steps_per_generation "
                            "to a multiple (> 1) of gradient_accumulation_steps (the paper: 4 mini-batches per rollout).")
 
@@ -191,7 +186,7 @@ class MTPGRPOTrainer(GRPOTrainer):
         if any(value is not None for value in multimodal.values()) or compute_aux_loss:
             raise ValueError("MTPGRPOTrainer is text-only: multimodal inputs and the MoE router aux loss are "
                              "not supported; use TRL's GRPOTrainer for those models")
-        capture = self._mtp_capture is not None and self.mtp_regime != "frozen"
+        capture = self._mtp_capture is not None
         request = {"temperature": self.temperature, "with_entropy": compute_entropy, "mtp": capture}
         step = batch_size or input_ids.size(0)
         outs: list[LogProbs] = []
@@ -217,9 +212,6 @@ class MTPGRPOTrainer(GRPOTrainer):
         finally:
             self._mtp_capture = None
         mode = "train" if self.model.training else "eval"
-        if self.mtp_regime == "frozen":
-            self._log_mtp_metrics({"mtp/loss": 0.0, "mtp/lambda_mean": 0.0}, mode)
-            return loss
         log_prob, mtp, mtp_mask = captured[-1]
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         old = inputs.get("old_per_token_logps")
@@ -231,20 +223,20 @@ class MTPGRPOTrainer(GRPOTrainer):
         )
         inputs_mtp = dict(
             mtp_log_prob=mtp, mtp_mask=mtp_mask & mask.bool()[None], old_log_prob=log_prob.detach() if old is None else old,
-            advantages=inputs["advantages"], clip_low=self.epsilon_low, clip_high=self.epsilon_high, **options,
+            log_prob=log_prob, advantages=inputs["advantages"], clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high, dual_clip=self.dual_clip, **options,
         )
-        slopes = self._exact_slopes(model, loss, scale, inputs_mtp) if self.mtp_regime == "occ-exact" else None
-        term, metrics = mtp_loss(self.mtp_regime, log_prob=log_prob, coef=self.mtp_coef, exact_slope=slopes,
-                                 **self.occ_options, **inputs_mtp)
+        slopes = self._exact_slopes(model, loss, scale, inputs_mtp) if self.regime.needs_exact_slopes else None
+        term, metrics = mtp_loss(self.regime, coef=self.mtp_coef, exact_slope=slopes, **self.occ_options,
+                                 **inputs_mtp)
         self._log_mtp_metrics(metrics, mode)
         return loss + scale * term
 
     def _exact_slopes(self, model, loss_rl: Tensor, scale: float, inputs_mtp: dict) -> list[float]:
-        """occ-exact: ⟨g_RL, g_k⟩ / (‖g_k‖² + ε) on the shared parameters, one per head (two extra backward passes)."""
-        heads = mtp_head_losses("occ-exact", **inputs_mtp)
+        """⟨g_RL, g_k⟩ / (‖g_k‖² + ε) on the shared parameters, one per head (two extra backward passes)."""
+        heads = [scale * head for head in mtp_head_losses(self.regime, **inputs_mtp)]
         shared = self.accelerator.unwrap_model(model).shared_parameters()
-        eps = self.occ_options["occ_eps"]
-        return [gradient_alignment(shared, loss_rl, scale * head, eps=eps)["slope"] for head in heads]
+        return exact_slopes(shared, loss_rl, heads, self.occ_options["occ_eps"])
 
     def _log_mtp_metrics(self, metrics: dict[str, float], mode: str) -> None:
         """Append the MTP metrics, averaged over processes, to TRL's metrics of this step."""
@@ -304,6 +296,5 @@ def task_reward_function(task: TaskFamily) -> Callable[..., list[float]]:
 
 
 __all__ = [
-    "TRL_LOSS_TYPES", "MTPGRPOTrainer", "TRLMTPCausalLM", "apply_regime", "task_dataset", "task_reward_function",
-    "trl_aggregation",
+    "TRL_LOSS_TYPES", "MTPGRPOTrainer", "TRLMTPCausalLM", "task_dataset", "task_reward_function", "trl_aggregation",
 ]

@@ -53,7 +53,7 @@ from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, register_po
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from mtprl.losses import MTP_REGIMES, mtp_loss
+from mtprl.losses import get_regime, mtp_loss
 
 DEFAULT_COEF = 0.1  # λ₀ when the actor config carries no `model_config.mtp` (the paper's value)
 LOSS_NAMES = {"mtp_policy": "policy", "occ": "occ"}  # verl loss name -> mtprl regime, registered at import
@@ -158,17 +158,19 @@ def make_policy_loss(
     occ_clip: tuple[float, float] | None = None,
     occ_eps: float = 1e-8,
 ) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
-    """A verl policy loss: `vanilla` + the MTP term of `regime` (policy, occ, ce or detach).
+    """A verl policy loss: `vanilla` + the MTP term of `regime`, any registered regime with a term that
+    needs no exact slopes (policy, occ, ce, detach, detach-mtp-only, or one you registered).
 
     Register it under your own name with `verl.trainer.ppo.core_algos.register_policy_loss(name)`.
     `coef` fixes λ₀ (default: read from the actor config, see `_base_coef`); the occ options are
-    those of `mtprl.losses.mtp_loss`.
+    those of `mtprl.losses.mtp_loss`. A loss cannot set the model's detach switches: for the detach
+    regimes, detach in the engine (the authors' `detach_encoder=True` for `detach`).
     """
-    if regime not in MTP_REGIMES or regime in ("frozen", "occ-exact"):
-        raise ValueError(
-            f"regime {regime!r} has no verl policy loss; use policy, occ, ce or detach "
-            "('frozen' is verl's own 'vanilla'; 'occ-exact' needs two backward passes the loss cannot make)"
-        )
+    spec = get_regime(regime)
+    if not spec.has_term or spec.needs_exact_slopes:
+        why = ("has no MTP term: verl's own 'vanilla' loss is that regime" if not spec.has_term else
+               "needs exact slopes, i.e. two backward passes that a policy loss cannot make")
+        raise ValueError(f"regime {regime!r} has no verl policy loss: it {why}")
 
     def policy_loss(
         old_log_prob: Tensor,

@@ -1,145 +1,46 @@
-"""The MTP term added to the RL loss under each regime (DESIGN §1), for K heads at once.
+"""The MTP term added to the RL loss under a regime (DESIGN §1), for K heads at once.
 
 Layout: `mtp_log_prob [K, B, T]` holds head k's log-prob m_t of the sampled token y_t, aligned to
 the main head's position t; `mtp_mask [K, B, T]` marks where head k scores a valid response token
 (a head of depth k cannot score the first k+1 positions). A plain `[B, T]` pair means K = 1.
 `log_prob`, `old_log_prob` are the main head's `[B, T]`; `advantages` is `[B]` or `[B, T]`.
 
-    L_MTP = Σ_k λ_k · L_k
-- frozen     no term: a 0-dim zero (no graph)
-- detach/ce  L_k = CE of head k on the sampled tokens (−m_t, masked, reduced with `agg`);
-             λ_k = coef / K. Stopping gradients into shared parameters (detach) is the model's job.
-- policy     L_k = the clipped surrogate with log-ratio m_t − ℓ°_t, same advantages, clip and
-             aggregation as the main loss; λ_k = coef / K
-- occ        as policy, λ_k = (coef / K) · ĉ_k from `occ_coefficient` on head k's valid tokens
-- occ-exact  as policy, λ_k = (coef / K) · exact_slope[k], the slopes ⟨g_RL, g_k⟩ / (‖g_k‖² + ε)
-             that the caller computed with `gradient_alignment` on L_k from `mtp_head_losses`
-Splitting λ₀ = coef over the heads (the 1/K) keeps the total MTP weight independent of K, as in
-the paper's λ_k = (λ₀/K)·ĉ_k; we apply the same split to the fixed-λ regimes. `occ_clip` clamps λ_k
-in both OCC regimes. Departures in the OCC proxy itself are listed in `mtprl.losses.occ`.
+    L_MTP = Σ_k term_k,   term_k = the regime's head loss of head k with its coefficient λ_k
+The regime (looked up in `mtprl.losses.regimes`) supplies the head loss and the coefficient rule
+(`mtprl.losses.mtp_heads`: λ·CE or the clipped surrogate with advantages λ·A; λ fixed, from the OCC
+proxy or from exact slopes). Stopping gradients into shared parameters is the model's job
+(`mtprl.model.apply_regime` reads the regime's detach switches).
 
-Metrics (python floats): `mtp/loss` (the weighted total), `mtp/lambda_mean`, and per head k
-`mtp/{k}/loss` (L_k, unweighted), `mtp/{k}/lambda`; `mtp/{k}/c_hat` (occ, occ-exact),
-`mtp/{k}/small_mu_frac` (occ), and the surrogate metrics of `mtprl.losses.policy` for the policy
-kinds (`mtp/{k}/clip_frac_low`, ...). Global counts (`global_tokens`, `global_seqs`) follow
-`aggregate` and may be one number for all heads or one per head (a `[K]` tensor or a list; sum
-`valid_counts(mtp_mask)` over micro-batches and workers to get the per-head ones).
+Departures from the authors' implementation (MarkXCloud/RL-MTP, verl/workers/actor/megatron_actor.py),
+kept small on purpose: the OCC mean is masked (theirs counts padding, see `mtprl.losses.occ`); the
+fixed-λ regimes split λ₀ over the K heads as OCC does; `occ_clip` optionally clamps λ in both OCC
+regimes. As in their code, λ scales the advantages inside the clipped surrogate and the dual clip is
+on (c = 10) for the MTP surrogate as for the main one.
+
+Metrics (python floats), the same keys for every regime (`mtp_metric_keys`): `mtp/loss` (the total),
+`mtp/lambda_mean`, and per head k the `HEAD_METRICS` of `mtprl.losses.regimes` — among them
+`mtp/{k}/proxy_c_hat`, the OCC proxy of head k's tokens under every regime. Global counts
+(`global_tokens`, `global_seqs`) follow `aggregate` and may be one number for all heads or one per
+head (a `[K]` tensor or a list; sum `valid_counts(mtp_mask)` over micro-batches and workers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from mtprl.losses._validate import as_mask, check_choice, check_count, check_shape
-from mtprl.losses.aggregate import Count, aggregate, metrics_to_floats
-from mtprl.losses.occ import check_occ_options, occ_terms
-from mtprl.losses.policy import broadcast_advantages, check_clip_range, clipped_surrogate, surrogate_metrics
+from mtprl.losses._validate import as_mask, check_count, check_shape
+from mtprl.losses.aggregate import Count, metrics_to_floats
+from mtprl.losses.mtp_heads import HeadInputs, HeadLoss
+from mtprl.losses.occ import check_occ_options, proxy_terms
+from mtprl.losses.policy import DUAL_CLIP, broadcast_advantages, check_clip_range, no_clips, surrogate_metrics
+from mtprl.losses.regimes import Regime, get_regime
 
 PerHeadCount = Count | Sequence[Count] | None
-
-
-@dataclass(frozen=True)
-class _Heads:
-    """Checked inputs of one MTP loss call."""
-
-    mtp_log_prob: Tensor  # [K, B, T]
-    mtp_mask: Tensor  # [K, B, T] bool
-    log_prob: Tensor | None  # [B, T]
-    old_log_prob: Tensor | None  # [B, T]
-    advantages: Tensor | None  # [B] or [B, T]
-    coef: float
-    agg: str
-    clip: tuple[float, float, float | None]  # clip_low, clip_high, dual_clip
-    occ: tuple[str, tuple[float, float] | None, float]  # estimator, clip, eps
-    global_tokens: list[Count | None]  # one per head
-    global_seqs: list[Count | None]  # one per head
-    norm_length: float | None
-    exact_slope: list[float] | None  # one per head
-
-    @property
-    def num_heads(self) -> int:
-        return self.mtp_log_prob.shape[0]
-
-    def scalar(self, value: float) -> Tensor:
-        """A 0-dim constant on the inputs' device, at least float32 (float64 inputs keep float64)."""
-        dtype = torch.promote_types(self.mtp_log_prob.dtype, torch.float32)
-        return torch.tensor(value, dtype=dtype, device=self.mtp_log_prob.device)
-
-    def reduce(self, loss_mat: Tensor, k: int) -> Tensor:
-        return aggregate(
-            loss_mat, self.mtp_mask[k], self.agg,
-            global_tokens=self.global_tokens[k], global_seqs=self.global_seqs[k], norm_length=self.norm_length,
-        )
-
-
-HeadLoss = Callable[[_Heads, int], tuple[Tensor, dict[str, Tensor]]]
-Coefficients = Callable[[_Heads], tuple[list[Tensor], dict[str, Tensor]]]
-
-
-def _ce_head(x: _Heads, k: int) -> tuple[Tensor, dict[str, Tensor]]:
-    nll = torch.where(x.mtp_mask[k], -x.mtp_log_prob[k], 0.0)  # [B, T]
-    return x.reduce(nll, k), {}
-
-
-def _surrogate_head(x: _Heads, k: int) -> tuple[Tensor, dict[str, Tensor]]:
-    mask = x.mtp_mask[k]  # [B, T]
-    log_ratio = torch.where(mask, x.mtp_log_prob[k] - x.old_log_prob.detach(), 0.0)  # [B, T]
-    adv = torch.where(mask, broadcast_advantages(x.advantages, log_ratio), 0.0)  # [B, T]
-    loss_mat, clips = clipped_surrogate(log_ratio, adv, *x.clip)
-    return x.reduce(loss_mat, k), surrogate_metrics(log_ratio, clips, mask, prefix=f"mtp/{k}/")
-
-
-def _fixed(x: _Heads) -> tuple[list[Tensor], dict[str, Tensor]]:
-    lam = x.scalar(x.coef / x.num_heads)
-    return [lam] * x.num_heads, {}
-
-
-def _occ(x: _Heads) -> tuple[list[Tensor], dict[str, Tensor]]:
-    estimator, clip, eps = x.occ
-    lambdas, metrics = [], {}
-    for k in range(x.num_heads):
-        lam, terms = occ_terms(
-            x.mtp_log_prob[k], x.log_prob, x.old_log_prob, x.mtp_mask[k], x.coef / x.num_heads, eps, estimator, clip
-        )
-        lambdas.append(lam)
-        metrics[f"mtp/{k}/c_hat"] = terms["c_hat"]
-        metrics[f"mtp/{k}/small_mu_frac"] = terms["small_mu_frac"]
-    return lambdas, metrics
-
-
-def _occ_exact(x: _Heads) -> tuple[list[Tensor], dict[str, Tensor]]:
-    clip = x.occ[1]
-    lambdas, metrics = [], {}
-    for k, slope in enumerate(x.exact_slope):
-        c_hat = x.scalar(slope)
-        lam = c_hat * (x.coef / x.num_heads)
-        lambdas.append(lam if clip is None else lam.clamp(clip[0], clip[1]))
-        metrics[f"mtp/{k}/c_hat"] = c_hat
-    return lambdas, metrics
-
-
-class Regime(NamedTuple):
-    """How one regime builds its term: per-head loss L_k, coefficients λ_k, inputs it needs."""
-
-    head_loss: HeadLoss | None  # None: no MTP term (frozen)
-    coefficients: Coefficients | None
-    needs: tuple[str, ...]
-
-
-_SURROGATE_NEEDS = ("mtp_log_prob", "mtp_mask", "old_log_prob", "advantages")
-MTP_REGIMES: dict[str, Regime] = {
-    "frozen": Regime(None, None, ()),
-    "detach": Regime(_ce_head, _fixed, ("mtp_log_prob", "mtp_mask")),
-    "ce": Regime(_ce_head, _fixed, ("mtp_log_prob", "mtp_mask")),
-    "policy": Regime(_surrogate_head, _fixed, _SURROGATE_NEEDS),
-    "occ": Regime(_surrogate_head, _occ, (*_SURROGATE_NEEDS, "log_prob")),
-    "occ-exact": Regime(_surrogate_head, _occ_exact, (*_SURROGATE_NEEDS, "exact_slope")),
-}
+# What every regime's call needs: the term's inputs and those of the per-head diagnostics.
+INPUTS = ("mtp_log_prob", "mtp_mask", "log_prob", "old_log_prob", "advantages")
 
 
 def _per_head(name: str, value: PerHeadCount, num_heads: int) -> list[Count | None]:
@@ -171,49 +72,52 @@ def _stacked(mtp_log_prob: Tensor, mtp_mask: Tensor) -> tuple[Tensor, Tensor]:
     return mtp_log_prob, mask
 
 
-def _prepare(regime: str, inputs: dict, options: dict) -> tuple[Regime, _Heads | None]:
-    """Look the regime up, check that it has what it needs, and bundle the inputs per head."""
-    check_choice("MTP regime", regime, MTP_REGIMES)
-    spec = MTP_REGIMES[regime]
-    for name in spec.needs:
+def _slopes(spec: Regime, slopes, num_heads: int) -> list[float] | None:
+    """The exact slopes as floats, one per head, for a regime that needs them (an error otherwise)."""
+    if not spec.needs_exact_slopes:
+        if slopes is not None:
+            raise ValueError(f"MTP regime {spec.name!r} takes no exact_slope (only regimes that need exact slopes do)")
+        return None
+    if slopes is None:
+        raise ValueError(f"MTP regime {spec.name!r} needs exact_slope, one ⟨g_RL, g_k⟩ / (‖g_k‖² + ε) per head")
+    slopes = slopes.tolist() if isinstance(slopes, Tensor) else [float(s) for s in slopes]
+    if len(slopes) != num_heads:
+        raise ValueError(f"exact_slope has {len(slopes)} entries but there are {num_heads} MTP heads; "
+                         "give one slope per head")
+    return slopes
+
+
+def _prepare(spec: Regime, inputs: dict, options: dict, with_slopes: bool = True) -> tuple[HeadInputs, list[Tensor]]:
+    """Check a call's inputs and options; bundle them per head with each head's OCC proxy (and its small-μ share)."""
+    for name in INPUTS:
         if inputs.get(name) is None:
-            raise ValueError(f"MTP regime {regime!r} needs {name}; pass it (needed: {', '.join(spec.needs)})")
-    if spec.head_loss is None:
-        return spec, None
+            raise ValueError(f"MTP regime {spec.name!r} needs {name}; pass it (every regime needs: {', '.join(INPUTS)})")
     mtp, mask = _stacked(inputs["mtp_log_prob"], inputs["mtp_mask"])
     K = mtp.shape[0]
     for name in ("log_prob", "old_log_prob"):
-        if inputs.get(name) is not None:
-            check_shape(name, inputs[name], mtp.shape[1:], "one head of mtp_log_prob [K, B, T]")
-    if inputs.get("advantages") is not None:
-        broadcast_advantages(inputs["advantages"], mtp[0])
+        check_shape(name, inputs[name], mtp.shape[1:], "one head of mtp_log_prob [K, B, T]")
+    advantages = broadcast_advantages(inputs["advantages"], mtp[0])  # [B, T]
     coef = options["coef"]
     if isinstance(coef, bool) or not isinstance(coef, (int, float)):
         raise ValueError(f"coef must be a number (the base MTP coefficient λ₀, e.g. 0.1), got {coef!r}")
     clip = (options["clip_low"], options["clip_high"], options["dual_clip"])
-    if spec.head_loss is _surrogate_head:
-        check_clip_range(*clip)
-    occ = (options["occ_estimator"], options["occ_clip"], options["occ_eps"])
-    check_occ_options(coef, K, occ[2], occ[0], occ[1])
-    slopes = inputs.get("exact_slope")
-    if slopes is not None and regime == "occ-exact":
-        slopes = slopes.tolist() if isinstance(slopes, Tensor) else [float(s) for s in slopes]
-        if len(slopes) != K:
-            raise ValueError(
-                f"exact_slope has {len(slopes)} entries but there are {K} MTP heads; give one slope per head"
-            )
-    heads = _Heads(
-        mtp_log_prob=mtp, mtp_mask=mask, log_prob=inputs.get("log_prob"), old_log_prob=inputs.get("old_log_prob"),
-        advantages=inputs.get("advantages"), coef=float(coef), agg=options["agg"], clip=clip, occ=occ,
+    check_clip_range(*clip)
+    estimator, occ_clip, eps = options["occ_estimator"], options["occ_clip"], options["occ_eps"]
+    check_occ_options(coef, K, eps, estimator, occ_clip)
+    log_prob, old = inputs["log_prob"], inputs["old_log_prob"]
+    proxy = [proxy_terms(mtp[k], log_prob, old, mask[k], eps, estimator) for k in range(K)]
+    return HeadInputs(
+        mtp_log_prob=mtp, mtp_mask=mask, log_prob=log_prob, old_log_prob=old, advantages=advantages,
+        coef=float(coef), agg=options["agg"], clip=clip, occ_clip=occ_clip,
         global_tokens=_per_head("global_tokens", options["global_tokens"], K),
         global_seqs=_per_head("global_seqs", options["global_seqs"], K),
-        norm_length=options["norm_length"], exact_slope=slopes,
-    )
-    return spec, heads
+        norm_length=options["norm_length"], proxy=[c for c, _ in proxy],
+        exact_slope=_slopes(spec, inputs.get("exact_slope"), K) if with_slopes else None,
+    ), [small for _, small in proxy]
 
 
 def mtp_loss(
-    regime: str,
+    regime: str | Regime,
     *,
     mtp_log_prob: Tensor | None = None,
     mtp_mask: Tensor | None = None,
@@ -224,7 +128,7 @@ def mtp_loss(
     agg: str = "token-mean",
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    dual_clip: float | None = None,
+    dual_clip: float | None = DUAL_CLIP,
     occ_estimator: str = "mean-ratio",
     occ_clip: tuple[float, float] | None = None,
     occ_eps: float = 1e-8,
@@ -233,56 +137,69 @@ def mtp_loss(
     norm_length: float | None = None,
     exact_slope: Sequence[float] | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The MTP term Σ_k λ_k · L_k of `regime` (see the module docstring) and its metrics.
+    """The MTP term Σ_k term_k of `regime` (a registered name or record; module docstring) and its metrics.
 
-    Needed inputs: frozen none; detach/ce mtp_log_prob, mtp_mask; policy also old_log_prob and
-    advantages; occ also log_prob; occ-exact also exact_slope (one per head). Returns (0-dim loss,
-    metrics as python floats).
+    Every regime needs `INPUTS` (the per-head diagnostics use them all); a regime with
+    `needs_exact_slopes` also needs `exact_slope` (one per head). `occ_estimator` and `occ_eps` define
+    the proxy ĉ logged under every regime (and used by occ). Returns (0-dim loss, metrics as floats);
+    a regime without a term returns a 0-dim zero without graph.
     """
+    spec = get_regime(regime)
     inputs = dict(mtp_log_prob=mtp_log_prob, mtp_mask=mtp_mask, log_prob=log_prob, old_log_prob=old_log_prob,
                   advantages=advantages, exact_slope=exact_slope)
     options = dict(coef=coef, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                   occ_estimator=occ_estimator, occ_clip=occ_clip, occ_eps=occ_eps, global_tokens=global_tokens,
-                   global_seqs=global_seqs, norm_length=norm_length)
-    spec, x = _prepare(regime, inputs, options)
-    if x is None:
-        zero = mtp_log_prob.new_zeros(()) if isinstance(mtp_log_prob, Tensor) else torch.zeros(())
-        return zero, {"mtp/loss": 0.0, "mtp/lambda_mean": 0.0}
-    lambdas, metrics = spec.coefficients(x)
-    total = mtp_log_prob.new_zeros(())
-    for k, lam in enumerate(lambdas):
-        loss_k, head_metrics = spec.head_loss(x, k)
-        total = total + lam * loss_k
-        metrics.update({f"mtp/{k}/loss": loss_k, f"mtp/{k}/lambda": lam, **head_metrics})
+                       occ_estimator=occ_estimator, occ_clip=occ_clip, occ_eps=occ_eps, global_tokens=global_tokens,
+                       global_seqs=global_seqs, norm_length=norm_length)
+    x, small_mu = _prepare(spec, inputs, options)
+    zero = x.scalar(0.0)
+    total, lambdas, metrics = zero, [], {}
+    for k in range(x.num_heads):
+        if spec.has_term:
+            lam, c_hat = spec.coefficient(x, k)
+            term, clips = spec.head_loss(x, k, lam)
+            total = total + term
+        else:
+            lam, c_hat, term, clips = zero, zero, zero, None
+        log_ratio = x.log_ratio(k)
+        head = {"loss": term, "lambda": lam, "c_hat": c_hat, "proxy_c_hat": x.proxy[k], "small_mu_frac": small_mu[k],
+                **surrogate_metrics(log_ratio, clips if clips is not None else no_clips(log_ratio), x.mtp_mask[k], "")}
+        metrics.update({f"mtp/{k}/{name}": value for name, value in head.items()})
+        lambdas.append(lam)
     metrics["mtp/loss"] = total
     metrics["mtp/lambda_mean"] = torch.stack(lambdas).mean()
     return total, metrics_to_floats(metrics)
 
 
 def mtp_head_losses(
-    regime: str,
+    regime: str | Regime,
     *,
     mtp_log_prob: Tensor,
     mtp_mask: Tensor,
-    old_log_prob: Tensor | None = None,
-    advantages: Tensor | None = None,
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    probe: bool = False,
     agg: str = "token-mean",
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    dual_clip: float | None = None,
+    dual_clip: float | None = DUAL_CLIP,
     global_tokens: PerHeadCount = None,
     global_seqs: PerHeadCount = None,
     norm_length: float | None = None,
 ) -> list[Tensor]:
-    """The unweighted per-head losses [L_1 .. L_K] of `regime` (with graph), e.g. to feed
-    `gradient_alignment` for the `occ-exact` slopes; `frozen` gives an empty list.
+    """The per-head losses [L_1 .. L_K] at λ = 1 (with graph) of the regime's head loss, or with `probe`
+    of its `probe_loss` (what the exact diagnostics measure); e.g. to feed `gradient_alignment`.
+    A regime without a term gives an empty list unless `probe` is set.
     """
-    if regime == "frozen":
-        return []
-    kind = "policy" if regime in ("occ", "occ-exact") else regime
-    inputs = dict(mtp_log_prob=mtp_log_prob, mtp_mask=mtp_mask, old_log_prob=old_log_prob, advantages=advantages)
+    spec = get_regime(regime)
+    loss: HeadLoss | None = spec.probe_loss if probe else spec.head_loss
+    inputs = dict(mtp_log_prob=mtp_log_prob, mtp_mask=mtp_mask, log_prob=log_prob, old_log_prob=old_log_prob,
+                  advantages=advantages)
     options = dict(coef=0.0, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                   occ_estimator="mean-ratio", occ_clip=None, occ_eps=0.0, global_tokens=global_tokens,
-                   global_seqs=global_seqs, norm_length=norm_length)
-    spec, x = _prepare(kind, inputs, options)
-    return [spec.head_loss(x, k)[0] for k in range(x.num_heads)]
+                       occ_estimator="mean-ratio", occ_clip=None, occ_eps=0.0, global_tokens=global_tokens,
+                       global_seqs=global_seqs, norm_length=norm_length)
+    x, _ = _prepare(spec, inputs, options, with_slopes=False)
+    if loss is None:
+        return []
+    one = x.scalar(1.0)
+    return [loss(x, k, one)[0] for k in range(x.num_heads)]

@@ -43,17 +43,10 @@ def check_occ_options(
     check_range("clip", clip)
 
 
-def occ_terms(
-    mtp_log_prob: Tensor,
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    mask: Tensor,
-    scale: float,
-    eps: float,
-    estimator: str,
-    clip: tuple[float, float] | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """λ = clamp(scale · ĉ) and its metrics as 0-dim tensors; inputs `[B, T]`, mask bool, all checked."""
+def proxy_terms(
+    mtp_log_prob: Tensor, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, eps: float, estimator: str
+) -> tuple[Tensor, Tensor]:
+    """(ĉ, fraction of valid tokens with |μ| < 1e-6) as detached 0-dim tensors; inputs `[B, T]`, all checked."""
     with torch.no_grad():
         dtype = torch.promote_types(log_prob.dtype, torch.float32)
         old = old_log_prob.to(dtype)
@@ -63,11 +56,13 @@ def occ_terms(
             c_hat = masked_mean(delta * mu / (mu.square() + eps), mask)
         else:
             c_hat = (delta * mu).sum() / (mu.square().sum() + eps)
-        lam = scale * c_hat
-        if clip is not None:
-            lam = lam.clamp(clip[0], clip[1])
         small = masked_mean(mu.abs() < SMALL_MU, mask)
-    return lam, {"c_hat": c_hat, "lambda": lam, "small_mu_frac": small}
+    return c_hat, small
+
+
+def clamped(lam: Tensor, clip: tuple[float, float] | None) -> Tensor:
+    """λ clamped to `clip = (lo, hi)`, or unchanged without a clip."""
+    return lam if clip is None else lam.clamp(clip[0], clip[1])
 
 
 def occ_coefficient(
@@ -92,8 +87,9 @@ def occ_coefficient(
     check_shape("old_log_prob", old_log_prob, log_prob.shape, "log_prob")
     check_shape("mtp_log_prob", mtp_log_prob, log_prob.shape, "log_prob")
     mask = as_mask(mask, log_prob)
-    lam, metrics = occ_terms(mtp_log_prob, log_prob, old_log_prob, mask, base / num_heads, eps, estimator, clip)
-    return lam, metrics_to_floats(metrics)
+    c_hat, small = proxy_terms(mtp_log_prob, log_prob, old_log_prob, mask, eps, estimator)
+    lam = clamped(c_hat * (base / num_heads), clip)
+    return lam, metrics_to_floats({"c_hat": c_hat, "lambda": lam, "small_mu_frac": small})
 
 
 def _flat_grads(loss: Tensor, params: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -136,3 +132,9 @@ def gradient_alignment(
     metrics = {"dot": dot, "rl_sq_norm": rl_sq, "mtp_sq_norm": mtp_sq, "cosine": cosine, "slope": dot / (mtp_sq + eps)}
     return metrics_to_floats(metrics)
 
+
+
+def exact_slopes(params: Iterable[Tensor], loss_rl: Tensor, head_losses: list[Tensor], eps: float = 1e-8) -> list[float]:
+    """The `occ-exact` slopes ⟨g_RL, g_k⟩ / (‖g_k‖² + eps) on `params`, one per head loss (graphs kept)."""
+    params = list(params)
+    return [gradient_alignment(params, loss_rl, head, eps=eps)["slope"] for head in head_losses]

@@ -4,11 +4,14 @@ Per valid token, with log-ratio r_log = ℓ − ℓ° clamped to ±20 and ratio 
     l = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high))            (DAPO clip-higher: 0.2 / 0.28)
 and with `dual_clip = c` (> 1), only where A < 0:  l = min(l, −A·c)  (bounds the loss as r grows).
 Conventions follow verl: log-ratio clamp ±20, dual clip only for A < 0 and c > 1, token-mean default.
+Departure from verl's defaults: the dual clip is on by default with c = 10 (`DUAL_CLIP`), the value of
+the paper's launch script (MarkXCloud/RL-MTP, `clip_ratio_c=10.0`); verl's own default is 3. Pass
+`dual_clip=None` to switch it off.
 
-Metrics (python floats, computed over the valid tokens of this call):
-- clip_frac_low   A < 0 and r < 1 − clip_low   (the lower bound cuts the gradient)
-- clip_frac_high  A > 0 and r > 1 + clip_high  (the upper bound cuts the gradient)
-- dual_clip_frac  A < 0 and r > c              (0 without dual clip)
+Metrics (python floats, computed over the valid tokens of this call; names in `SURROGATE_METRICS`):
+- clipfrac_low    A < 0 and r < 1 − clip_low   (the lower bound cuts the gradient)
+- clipfrac_high   A > 0 and r > 1 + clip_high  (the upper bound cuts the gradient)
+- dual_clipfrac   A < 0 and r > c              (0 without dual clip)
 - approx_kl       mean of (r − 1) − log r, the k3 estimate of KL(π_old ‖ π_θ) (CleanRL's approx_kl)
 - ppo_kl          mean of −log r, the k1 estimate (verl's ppo_kl)
 - ratio_mean / ratio_min / ratio_max of the clamped ratio (1.0 when no token is valid)
@@ -25,6 +28,9 @@ from mtprl.losses._validate import as_mask, check_ndim, check_shape
 from mtprl.losses.aggregate import Count, aggregate, masked_extremes, masked_mean, metrics_to_floats
 
 LOG_RATIO_CLAMP = 20.0
+DUAL_CLIP = 10.0  # the default dual-clip constant c (the paper's script); None switches the dual clip off
+SURROGATE_METRICS = ("clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "ppo_kl", "ratio_mean",
+                     "ratio_min", "ratio_max")
 
 
 class ClipMasks(NamedTuple):
@@ -68,7 +74,7 @@ def clipped_surrogate(
     advantages: Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    dual_clip: float | None = None,
+    dual_clip: float | None = DUAL_CLIP,
 ) -> tuple[Tensor, ClipMasks]:
     """Per-token clipped surrogate loss `[B, T]` for `log_ratio [B, T]` and `advantages [B]`/`[B, T]`.
 
@@ -91,20 +97,28 @@ def clipped_surrogate(
     return loss, masks
 
 
+def no_clips(log_ratio: Tensor) -> ClipMasks:
+    """The masks of a term that clips nothing (e.g. a cross-entropy), for its ratio statistics."""
+    ratio = torch.exp(log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    return ClipMasks(ratio=ratio, low=none, high=none, dual=none)
+
+
 def surrogate_metrics(log_ratio: Tensor, clips: ClipMasks, mask: Tensor, prefix: str) -> dict[str, Tensor]:
-    """Clip fractions, approx-KL and ratio statistics over the valid tokens of the bool `mask [B, T]`."""
+    """`SURROGATE_METRICS` (clip fractions, approx-KL, ratio statistics) over the valid tokens of `mask [B, T]`."""
     log_r = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
     ratio_min, ratio_max = masked_extremes(clips.ratio, mask, empty=1.0)
-    return {
-        f"{prefix}clip_frac_low": masked_mean(clips.low, mask),
-        f"{prefix}clip_frac_high": masked_mean(clips.high, mask),
-        f"{prefix}dual_clip_frac": masked_mean(clips.dual, mask),
-        f"{prefix}approx_kl": masked_mean(clips.ratio - 1.0 - log_r, mask),
-        f"{prefix}ppo_kl": masked_mean(-log_r, mask),
-        f"{prefix}ratio_mean": torch.where(mask.any(), masked_mean(clips.ratio, mask), 1.0),
-        f"{prefix}ratio_min": ratio_min,
-        f"{prefix}ratio_max": ratio_max,
-    }
+    values = (
+        masked_mean(clips.low, mask),
+        masked_mean(clips.high, mask),
+        masked_mean(clips.dual, mask),
+        masked_mean(clips.ratio - 1.0 - log_r, mask),
+        masked_mean(-log_r, mask),
+        torch.where(mask.any(), masked_mean(clips.ratio, mask), 1.0),
+        ratio_min,
+        ratio_max,
+    )
+    return {f"{prefix}{name}": value for name, value in zip(SURROGATE_METRICS, values, strict=True)}
 
 
 def policy_loss(
@@ -114,7 +128,7 @@ def policy_loss(
     mask: Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    dual_clip: float | None = None,
+    dual_clip: float | None = DUAL_CLIP,
     agg: str = "token-mean",
     *,
     global_tokens: Count | None = None,

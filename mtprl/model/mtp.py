@@ -64,7 +64,7 @@ class LogProbs:
 
 @dataclasses.dataclass
 class DetachSwitches:
-    """Where the MTP path stops gradient into shared parameters (all on for the `detach` regime)."""
+    """Where the MTP path stops gradient into shared parameters (set per regime by `apply_regime`)."""
 
     hidden: bool = False  # trunk hidden states fed to depth 1
     embedding: bool = False  # token embedding lookups of the MTP path

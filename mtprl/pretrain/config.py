@@ -8,7 +8,7 @@ from mtprl.config import opt, require
 from mtprl.tasks import SUITE_SEED, SUITE_SIZE, TASKS
 
 # Fields that do not change the trained weights, left out of the cache key.
-NOT_IN_KEY = {"eval_batch_size", "threads", "cache_dir", "output_dir", "progress"}
+NOT_IN_KEY = {"eval_batch_size", "eval_samples", "threads", "cache_dir", "output_dir", "progress"}
 
 
 @dataclasses.dataclass
@@ -34,10 +34,13 @@ class PretrainConfig:
     mtp_decay_at: float = opt(0.7, "share of the steps after which the MTP weight drops to mtp_weight_final")
     families: list[str] = opt(["add", "expr", "sort"], "task families to train on")
     difficulties: list[int] = opt([1, 2, 3], "difficulty levels to train on (uniform)")
-    imperfect_fraction: float = opt(0.2, "share of traces with a wrong step or a wrong final answer")
+    shortcut_fraction: float = opt(0.5, "share of traces that follow the family's shortcut (right on part of the "
+                                        "problems only); what RL can select away")
+    slip_fraction: float = opt(0.0, "share of traces with one wrong step or a wrong final answer (always wrong)")
     suite_seed: int = opt(SUITE_SEED, "seed of the held-out suites (excluded from training, evaluated after)")
     suite_size: int = opt(SUITE_SIZE, "problems per held-out suite")
-    eval_batch_size: int = opt(256, "prompts per greedy-decoding batch in the evaluation")
+    eval_samples: int = opt(16, "samples per problem at temperature 1 in the evaluation (pass@1/4/16)")
+    eval_batch_size: int = opt(1024, "sequences decoded together in the evaluation")
     threads: int = opt(1, "torch CPU threads; 0: torch's default. One is as fast per core at this model size, "
                           "and two stall each other badly when the cores are shared")
     cache_dir: str | None = opt(None, "cache root; null: $MTPRL_CACHE, else ~/.cache/mtprl")
@@ -46,7 +49,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "num_mtp_layers", "suite_size", "eval_batch_size"):
+                     "num_mtp_layers", "suite_size", "eval_samples", "eval_batch_size"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
@@ -54,8 +57,10 @@ class PretrainConfig:
                 "warmup_steps, threads and intermediate_size must be >= 0")
         require(self.mtp_weight >= 0 and self.mtp_weight_final >= 0, "MTP weights must be >= 0")
         require(0 <= self.mtp_decay_at <= 1, f"mtp_decay_at must lie in [0, 1], got {self.mtp_decay_at}")
-        require(0 <= self.imperfect_fraction <= 1,
-                f"imperfect_fraction must lie in [0, 1], got {self.imperfect_fraction}")
+        require(self.shortcut_fraction >= 0 and self.slip_fraction >= 0
+                and self.shortcut_fraction + self.slip_fraction <= 1,
+                f"shortcut_fraction ({self.shortcut_fraction}) and slip_fraction ({self.slip_fraction}) must be >= 0 "
+                "and sum to at most 1")
         unknown = [f for f in self.families if f not in TASKS]
         require(bool(self.families) and not unknown,
                 f"families must be a non-empty list from {sorted(TASKS)}; unknown: {unknown}")

@@ -1,12 +1,20 @@
 """Training batches for pre-training the embedded default on generated solution traces.
 
 Each example is `<bos> prompt solution <eos>`; the loss covers the solution and the end token
-only (the prompt's random digits are not worth the tiny model's capacity). A share
-`imperfect_fraction` of the solutions is replaced by an imperfect trace (a wrong step carried
-through, or a wrong final answer; see `TaskFamily.corrupt`), so the base model is not a perfect
-solver and RL has something to improve. Batches are right-padded and grouped by length
-(examples of `group_batches` batches are sorted by length, cut into batches, and the batches
-shuffled) to waste little compute on padding. Everything is deterministic for a given seed.
+only (the prompt's random digits are not worth the tiny model's capacity). Each trace is drawn
+from a mixture (`trace_kind`):
+- "shortcut" with probability `shortcut_fraction`: the family's plausible shortcut applied
+  throughout (`TaskFamily.shortcut`: additions without carries, expressions read left to right,
+  sorting that skips repeats), well-formed and right on part of the problems only;
+- "slip" with probability `slip_fraction`: one wrong step carried through or a wrong final answer
+  (`TaskFamily.corrupt`), always wrong;
+- "correct" otherwise: the reference procedure.
+The shortcut traces are what give RL something to select: a base that learnt both the procedure
+and the habit picks between them when sampling (pass@k well above pass@1), and RL can move that
+choice, as RL on real LMs mostly turns pass@k into pass@1. Slips, by contrast, are noise that
+sharpening cannot remove. Batches are right-padded and grouped by length (examples of
+`group_batches` batches are sorted by length, cut into batches, and the batches shuffled) to
+waste little compute on padding. Everything is deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import torch
 
 from mtprl.tasks import Problem, get_task, iter_training_problems
 
+TRACE_KINDS = ("correct", "shortcut", "slip")
+
 
 @dataclasses.dataclass
 class TraceBatch:
@@ -27,17 +37,31 @@ class TraceBatch:
     input_ids: torch.Tensor  # [B, L] long, pad id after the text
     attention_mask: torch.Tensor  # [B, L] long 0/1
     loss_mask: torch.Tensor  # [B, L] bool, True at target positions of solution tokens and <eos>
+    kinds: list[str] = dataclasses.field(default_factory=list)  # [B] trace kind of each row (TRACE_KINDS)
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
 
-def training_completion(problem: Problem, imperfect: bool, rng: random.Random) -> str:
-    """The solution trace to train on: the correct one, or an imperfect one when asked."""
-    if not imperfect:
+def trace_kind(rng: random.Random, shortcut_fraction: float, slip_fraction: float) -> str:
+    """One draw from the mixture: "shortcut", "slip" or "correct"."""
+    u = rng.random()
+    if u < shortcut_fraction:
+        return "shortcut"
+    return "slip" if u < shortcut_fraction + slip_fraction else "correct"
+
+
+def training_completion(problem: Problem, kind: str, rng: random.Random) -> str:
+    """The solution trace of the given kind for `problem`."""
+    if kind == "correct":
         return problem.solution
-    return get_task(problem.family).imperfect_solution(problem, rng)
+    task = get_task(problem.family)
+    if kind == "shortcut":
+        return task.shortcut(problem)
+    if kind == "slip":
+        return task.imperfect_solution(problem, rng)
+    raise ValueError(f"unknown trace kind '{kind}'; known: {', '.join(TRACE_KINDS)}")
 
 
 def encode_batch(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> TraceBatch:
@@ -62,21 +86,26 @@ def trace_batches(
     batch_size: int,
     families: Sequence[str],
     difficulties: Sequence[int],
-    imperfect_fraction: float,
+    shortcut_fraction: float,
+    slip_fraction: float,
     suite_seed: int,
     suite_size: int,
     group_batches: int = 16,
 ) -> Iterator[TraceBatch]:
     """An endless, seeded stream of length-grouped training batches (suite prompts excluded)."""
-    if not 0.0 <= imperfect_fraction <= 1.0:
-        raise ValueError(f"imperfect_fraction must lie in [0, 1], got {imperfect_fraction}")
+    if not (0.0 <= shortcut_fraction and 0.0 <= slip_fraction and shortcut_fraction + slip_fraction <= 1.0):
+        raise ValueError(f"shortcut_fraction ({shortcut_fraction}) and slip_fraction ({slip_fraction}) must be "
+                         ">= 0 and sum to at most 1")
     problems = iter_training_problems(seed, families, difficulties, suite_seed, suite_size)
     rng = random.Random(f"pretrain-data:{seed}")
     while True:
         group = [next(problems) for _ in range(batch_size * group_batches)]
-        texts = [(p.prompt, training_completion(p, rng.random() < imperfect_fraction, rng)) for p in group]
-        texts.sort(key=lambda pc: len(pc[0]) + len(pc[1]))
+        kinds = [trace_kind(rng, shortcut_fraction, slip_fraction) for _ in group]
+        texts = [(p.prompt, training_completion(p, k, rng), k) for p, k in zip(group, kinds)]
+        texts.sort(key=lambda pck: len(pck[0]) + len(pck[1]))
         chunks = [texts[i: i + batch_size] for i in range(0, len(texts), batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
-            yield encode_batch(tokenizer, [p for p, _ in chunk], [c for _, c in chunk])
+            batch = encode_batch(tokenizer, [p for p, _, _ in chunk], [c for _, c, _ in chunk])
+            batch.kinds = [k for _, _, k in chunk]
+            yield batch

@@ -4,8 +4,9 @@ Loss (`mtprl.losses.pretrain`): next-token cross-entropy on the solution tokens 
 MTP depths of each depth's cross-entropy on the same tokens). w follows DeepSeek-V3's step
 schedule: `mtp_weight` (0.3) for the first `mtp_decay_at` (70%) of the steps, then
 `mtp_weight_final` (0.1); DeepSeek-V3 switches at 10T of 14.8T tokens (68%). AdamW, linear
-warm-up then cosine decay to `min_lr_ratio` of the peak. A share of the traces is deliberately
-imperfect (see `mtprl.pretrain.data`) so the base leaves room for RL. Deterministic for a given
+warm-up then cosine decay to `min_lr_ratio` of the peak. A share of the traces follows a plausible
+shortcut that is right on part of the problems only (see `mtprl.pretrain.data`), so the base
+leaves room for RL. Deterministic for a given
 seed and thread count.
 
 `pretrain(cfg, out_dir)` writes the checkpoint (`MTPCausalLM` format with its tokenizer),
@@ -26,6 +27,7 @@ from mtprl import __version__
 from mtprl.config import config_to_dict, save_config
 from mtprl.losses.pretrain import pretrain_loss
 from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
+from mtprl.pretrain.cache import cache_key, weights_hash
 from mtprl.pretrain.config import PretrainConfig
 from mtprl.pretrain.data import trace_batches
 from mtprl.pretrain.evaluate import evaluate_base
@@ -59,7 +61,7 @@ def train_base(cfg: PretrainConfig) -> tuple[MTPCausalLM, object, dict]:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
     data = trace_batches(tokenizer, cfg.seed, cfg.batch_size, cfg.families, cfg.difficulties,
-                         cfg.imperfect_fraction, cfg.suite_seed, cfg.suite_size)
+                         cfg.shortcut_fraction, cfg.slip_fraction, cfg.suite_seed, cfg.suite_size)
     losses, tokens, smooth, start = [], 0, None, time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="pre-training the base", disable=not cfg.progress, mininterval=1.0,
                dynamic_ncols=True)
@@ -98,7 +100,7 @@ def parameter_counts(model: MTPCausalLM) -> dict[str, int]:
     return {"shared": shared, "mtp": mtp, "total": shared + mtp}
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> dict:
+def pretrain(cfg: PretrainConfig, out_dir: str | Path) -> dict:
     """Train, evaluate on the suites, and write checkpoint + tokenizer + summary.json to `out_dir`."""
     start, cpu_start = time.perf_counter(), time.process_time()
     threads_before = torch.get_num_threads()
@@ -108,7 +110,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> d
         model, tokenizer, stats = train_base(cfg)
         eval_start = time.perf_counter()
         suites = eval_suites(cfg.suite_seed, cfg.suite_size)
-        results = evaluate_base(model, tokenizer, suites, cfg.eval_batch_size)
+        results = evaluate_base(model, tokenizer, suites, cfg.eval_samples, batch_rows=cfg.eval_batch_size)
         eval_time = time.perf_counter() - eval_start
         threads = torch.get_num_threads()
     finally:
@@ -117,7 +119,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> d
     model.save_pretrained(out_dir, tokenizer=tokenizer)
     save_config(cfg, out_dir / "pretrain_config.yaml")
     summary = {
-        "cache_key": cache_key,
+        "cache_key": cache_key(cfg),
+        "weights_hash": weights_hash(out_dir),
         **results,
         "parameters": parameter_counts(model),
         "wall_time_s": time.perf_counter() - start,
@@ -131,7 +134,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, cache_key: str = "") -> d
         "loss_curve": loss_curve(stats["loss_history"]),
         "final_metrics": stats["final_metrics"],
         "threads": threads,
-        "eval_decoding": "greedy (mtprl.rollout.generate, temperature 0)",
+        "eval_decoding": f"greedy, and {cfg.eval_samples} samples per problem at temperature 1 (mtprl.rollout.generate)",
         "mtprl_version": __version__,
         "config": config_to_dict(cfg),
     }

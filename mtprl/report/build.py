@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mtprl.report.base import attach_base, load_base
 from mtprl.report.figures import write_figures
 from mtprl.report.load import ReportError, Run, load_runs
 from mtprl.report.markdown import render_report
@@ -29,12 +30,17 @@ def _check_out_dir(out_dir: Path, runs: list[Run]) -> None:
                               "would overwrite its summary.json, so choose another folder")
 
 
-def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Read the runs, write out_dir/{report.md, summary.json, *.png}; return the summary dict."""
+def build_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
+                 base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Read the runs (and the shared base evaluation in `base_dir`, written by `mtprl compare`), write
+    out_dir/{report.md, summary.json, *.png}; return the summary dict."""
     runs = load_runs(run_dirs)
+    base = load_base(base_dir) if base_dir is not None else None
     out = Path(out_dir)
     _check_out_dir(out, runs)
-    summary = summarize(runs)
+    if base is not None:
+        attach_base(runs, base)
+    summary = summarize(runs, base)
     out.mkdir(parents=True, exist_ok=True)
     summary["figures"] = write_figures(group_runs(runs), summary, out)
     (out / "report.md").write_text(render_report(summary))

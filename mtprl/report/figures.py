@@ -28,9 +28,9 @@ from mtprl.report.stats import pearson
 
 Groups = dict[str, list[Run]]
 EXACT_REGIMES = ("ce", "policy", "occ", "occ-exact")
-COLORS = {"frozen": "tab:gray", "detach": "tab:blue", "ce": "tab:red", "policy": "tab:orange",
-          "occ": "tab:green", "occ-exact": "tab:purple"}
-OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+COLORS = {"frozen": "tab:gray", "detach": "tab:blue", "detach-mtp-only": "tab:cyan", "ce": "tab:red",
+          "policy": "tab:orange", "occ": "tab:green", "occ-exact": "tab:purple"}
+OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "black")
 
 
 def _color(regime: str, groups: Groups) -> str:
@@ -150,7 +150,8 @@ def _per_head_panels(groups: Groups, regimes: tuple[str, ...], prefix: str, name
 
 
 def fig_occ_coefficients(groups: Groups, summary: dict[str, Any]) -> Figure | str:
-    names = [("lambda", "λ used"), ("c_hat", "ĉ (proxy)")]
+    names = [("lambda", "λ used"), ("c_hat", "ĉ behind λ (occ: proxy, occ-exact: exact slope)"),
+             ("proxy_c_hat", "proxy ĉ of the same tokens")]
     fig = _per_head_panels(groups, OCC_REGIMES, "mtp", names, "OCC coefficient vs step")
     return fig if fig is not None else "no occ / occ-exact run logs mtp/{k}/lambda or mtp/{k}/c_hat"
 

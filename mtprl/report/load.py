@@ -26,6 +26,8 @@ import yaml
 from mtprl.errors import UserError
 
 ROW_KINDS = ("train", "eval")
+# Keys of an eval row kept as a run's final numbers: accuracies, their standard errors and sizes, habits.
+FINAL_PREFIXES = ("eval/", "eval_se/", "eval_n/", "habit/")
 
 
 class ReportError(UserError, ValueError):
@@ -69,14 +71,15 @@ def number(row: dict[str, Any], key: str) -> float | None:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings joined into flat `a/b/c` keys; a key that already spells its full path stays.
+    """Nested mappings joined into flat `a/b/c` keys; a nested key that holds a '/' is already a full path.
 
     {"eval": {"eval/add/greedy": 0.5}} (the trainer's summary.json), {"eval": {"add": {"greedy": 0.5}}}
-    and {"eval/add/greedy": 0.5} all give {"eval/add/greedy": 0.5}.
+    and {"eval/add/greedy": 0.5} all give {"eval/add/greedy": 0.5}; {"eval": {"eval_se/add/greedy": 0.01}}
+    gives {"eval_se/add/greedy": 0.01}.
     """
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        name = key if prefix and key.startswith(prefix) else f"{prefix}{key}"
+        name = key if prefix and "/" in key else f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}/"))
         else:
@@ -161,7 +164,7 @@ def _final_eval(run_dir: Path, summary: dict[str, Any] | None, evals: list[dict[
                 notes: list[str]) -> tuple[dict[str, float], int | None]:
     """Final eval metrics and their step: summary.json's `eval/` keys, else the last eval row."""
     last = max(evals, key=lambda row: row["step"]) if evals else {}
-    from_summary = {k: number(summary, k) for k in summary or {} if k.startswith("eval/")}
+    from_summary = {k: number(summary, k) for k in summary or {} if k.startswith(FINAL_PREFIXES)}
     if summary is not None and from_summary:
         step = summary.get("step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else last.get("step")
@@ -171,7 +174,7 @@ def _final_eval(run_dir: Path, summary: dict[str, Any] | None, evals: list[dict[
         notes.append(f"unfinished (no summary.json): final numbers from the last eval row ({where})")
     else:
         notes.append(f"{run_dir / 'summary.json'} has no eval/ keys: final numbers from the last eval row")
-    final = {k: number(last, k) for k in last if k.startswith("eval/")}
+    final = {k: number(last, k) for k in last if k.startswith(FINAL_PREFIXES)}
     return {k: v for k, v in final.items() if v is not None}, last.get("step")
 
 

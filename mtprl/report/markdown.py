@@ -6,11 +6,18 @@ from typing import Any
 
 from mtprl.report.keys import AVG
 from mtprl.report.stats import BETTER, CONFIDENCE, NO_PAIRS, ONE_SEED, WITHIN_NOISE, WORSE
-from mtprl.report.tables import MISSING, fmt_num, fmt_stat, markdown_table, paired_rows, summary_rows
+from mtprl.report.tables import (MISSING, SE_NOTE, base_rows, fmt_num, fmt_stat, gain_rows, markdown_table,
+                                 paired_problem_rows, paired_rows, summary_rows)
 
 METHOD = """\
 - Final numbers come from each run's summary.json, or from its last eval row when the run is
-  unfinished (marked `*`). Cells are mean ± sample std (ddof = 1) over seeds; n is the number of runs.
+  unfinished (marked `*`). Accuracy cells are mean ± standard error: sd/√n over seeds (sd with
+  ddof = 1) when n > 1, the run's own standard error over problems when n = 1 (problems are the
+  independent units: a problem's k samples are averaged first); n is the number of runs.
+- The base is evaluated once per experiment and shared by every run as its step 0. Gains are
+  final − base on the same problems, with the paired SE over problems; the problem-by-problem
+  comparison against {reference} likewise. Both measure evaluation noise only (not seed-to-seed
+  variation), which is what the seed-paired t-interval adds.
 - Paired comparison: per-seed differences regime − {reference}, matched by seed. 95% interval:
   mean ± t(0.975, n−1)·sd/√n. Verdict: "better" when the interval lies above 0, "worse" when below,
   otherwise "within noise"; one pair gets "one seed: no test". The exact two-sided sign test is shown
@@ -18,15 +25,34 @@ METHOD = """\
 - The claims' criteria are stated with each claim; thresholds are fixed in `mtprl/report/claims.py`."""
 
 
+def _per_run(summary: dict[str, Any], table: dict[str, Any], run: dict[str, Any]) -> str:
+    """One run's value ± its own SE from a {regime: {AVG: stat}} table, '—' when absent."""
+    stat = table.get(run["regime"], {}).get(AVG)
+    seed = str(run["seed"])
+    if not stat or seed not in stat["values"]:
+        return MISSING
+    se = stat["se_values"].get(seed)
+    return fmt_num(stat["values"][seed], signed=table is summary["gain"].get(summary["headline"])) + (
+        "" if se is None else f" ± {fmt_num(se)}")
+
+
 def _runs_section(summary: dict[str, Any]) -> list[str]:
+    headline = summary["headline"]
     headers = ["run", "regime", "seed", "λ₀", "OCC estimator", "steps (last / planned)", "finished", "wall time (s)"]
+    if headline is not None:
+        headers += [f"final {headline} avg ± SE"] + (["gain over base ± SE"] if summary["gain"] else [])
     rows = []
     for run in summary["runs"]:
         planned = MISSING if run["steps"] is None else str(run["steps"])
         last = MISSING if run["last_step"] is None else str(run["last_step"])
         coef = MISSING if run["mtp_coef"] is None else str(run["mtp_coef"])
-        rows.append([run["path"], run["regime"], str(run["seed"]), coef, str(run["occ_estimator"] or MISSING),
-                     f"{last} / {planned}", "yes" if run["finished"] else "no *", fmt_num(run["wall_time"], 1)])
+        row = [run["path"], run["regime"], str(run["seed"]), coef, str(run["occ_estimator"] or MISSING),
+               f"{last} / {planned}", "yes" if run["finished"] else "no *", fmt_num(run["wall_time"], 1)]
+        if headline is not None:
+            row.append(_per_run(summary, summary["accuracy"][headline], run))
+            if summary["gain"]:
+                row.append(_per_run(summary, summary["gain"].get(headline, {}), run))
+        rows.append(row)
     notes = [f"- `{run['path']}`: {note}" for run in summary["runs"] for note in run["notes"]]
     return ["## Runs", "", markdown_table(headers, rows), "", *notes, *([""] if notes else [])]
 
@@ -36,13 +62,48 @@ def _accuracy_section(summary: dict[str, Any], metric: str) -> list[str]:
     means = {r: summary["accuracy"][metric][r][AVG] for r in summary["regimes"]}
     ranked = sorted((s["mean"], r) for r, s in means.items() if s["n"])
     label = " (headline)" if metric == summary["headline"] else ""
-    lines = [f"## Final accuracy — {metric}{label}", "", markdown_table(headers, rows), ""]
+    lines = [f"## Final accuracy — {metric}{label}", "", f"Cells: {SE_NOTE}.", "", markdown_table(headers, rows), ""]
     if len(ranked) > 1:
         (low, bottom), (high, top) = ranked[0], ranked[-1]
         shown = (f"highest mean average {top} ({fmt_stat(means[top])}), lowest {bottom} ({fmt_stat(means[bottom])})"
                  if high > low else f"every regime has the same mean average ({fmt_num(high)})")
         lines += [f"What it shows: {shown}. Whether a gap exceeds the seed-to-seed noise is judged by the "
                   "paired comparison below, not by this table.", ""]
+    return lines
+
+
+def _base_section(summary: dict[str, Any]) -> list[str]:
+    base = summary["base"]
+    if base is None:
+        return []
+    values = base["values"]
+    size = values.get("eval_n/problems")
+    sizes = "" if size is None else f" ({size:.0f} problems per suite, {values.get('eval_n/samples', 0):.0f} samples each)"
+    return ["## Base model", "", f"`{base['model']}`, weights hash `{base['weights_hash']}`, evaluated once{sizes} "
+            "and shared by every run as its step 0 (value ± SE over problems):", "",
+            markdown_table(*base_rows(summary)), ""]
+
+
+def _gain_section(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for metric in summary["metrics"]:
+        headers, rows = gain_rows(summary, metric)
+        if rows:
+            lines += [f"## Gain over the base — {metric}", "", "Final − base on the same problems; " + SE_NOTE
+                      + " (one run: the paired SE over problems).", "", markdown_table(headers, rows), ""]
+    return lines
+
+
+def _paired_problem_section(summary: dict[str, Any]) -> list[str]:
+    reference, lines = summary["reference"], []
+    for metric in summary["metrics"]:
+        columns = [AVG] + summary["suites"] if metric == summary["headline"] else [AVG]
+        headers, rows = paired_problem_rows(summary, metric, columns)
+        if rows:
+            lines += [f"### {metric}, problem by problem (evaluation noise only)", "",
+                      f"Regime − {reference} on the final evaluations' per-problem accuracies, mean over the common "
+                      "seeds, ± paired SE over problems. Seed-to-seed variation is not in this SE; with several seeds "
+                      "the t-interval above is the test.", "", markdown_table(headers, rows), ""]
     return lines
 
 
@@ -100,10 +161,13 @@ def render_report(summary: dict[str, Any]) -> str:
              + (f" (also shown: {', '.join(metrics[1:])})" if len(metrics) > 1 else "")
              + ". Built by `mtprl report` from the runs' metrics files.")
     lines = ["# mtprl report", "", intro, ""]
+    lines += _base_section(summary)
     lines += _runs_section(summary)
     for metric in metrics:
         lines += _accuracy_section(summary, metric)
+    lines += _gain_section(summary)
     lines += _paired_section(summary)
+    lines += _paired_problem_section(summary)
     lines += _claims_section(summary)
     lines += _figures_section(summary.get("figures", []))
     lines += ["## How the numbers are computed", "", METHOD.format(reference=summary["reference"]), ""]

@@ -6,20 +6,31 @@ Layout of the dict returned by `summarize` (and written to summary.json):
   accuracy   {metric: {regime: {column: stat}}}, columns = suites + ["avg"]
   extras     {regime: {"eval/mtp_accept" | "eval/mtp_top1" | "wall_time": stat}}
   paired     {metric: {regime: {column: comparison}}} against `detach`, matched by seed
+  paired_problems {metric: {regime: {column: {"diff", "se", "seeds"}}}}: the same difference measured
+             problem by problem on the runs' final evaluations (mean over common seeds; evaluation
+             noise only, so it is meaningful with one seed, where `paired` has no test)
+  base       the shared base evaluation (model, weights hash, its eval/ and eval_se/ values), when given
+  gain       {metric: {regime: {column: stat}}}: final − base per run (paired by problem), over seeds
   claims     the paper's claims (1)–(5), see claims.py
-A stat is {"mean", "std", "n", "values": {seed: value}}; a comparison is stats.paired_comparison
-plus "seeds" and "diffs". The headline metric is avg@k (largest k) when the runs have one, else greedy.
+A stat is {"mean", "std", "n", "se", "values": {seed: value}, "se_values": {seed: SE}}: "se" is the
+standard error of the mean, std/√n over seeds when n > 1, else the one run's own standard error over
+problems (from its eval_se/ keys or the paired gain), and "se_values" each run's own SE. A
+comparison is stats.paired_comparison plus "seeds" and "diffs". The headline metric is avg@k
+(largest k) when the runs have one, else greedy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
+from mtprl.report.base import Base, problem_difference, run_gain, run_problem_results
 from mtprl.report.claims import evaluate_claims
 from mtprl.report.keys import AVG, MTP_EVAL_KEYS, eval_value, suites_and_metrics
-from mtprl.report.load import Run
+from mtprl.report.load import Run, number
 from mtprl.report.stats import describe, paired_comparison
+from mtprl.tasks.scoring import average_of_suites
 
 REFERENCE = "detach"
 REGIME_ORDER = ("frozen", "detach", "ce", "policy", "occ", "occ-exact")
@@ -36,16 +47,64 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return {name: sorted(groups[name], key=lambda run: str(run.seed)) for name in ordered}
 
 
-def stat(values: dict[str, float]) -> dict[str, Any]:
-    """describe() of the values plus the values themselves, keyed by seed."""
-    return {**describe(list(values.values())), "values": values}
+def stat(values: dict[str, float], se_values: dict[str, float] | None = None) -> dict[str, Any]:
+    """describe() of the values plus the values themselves, keyed by seed, and the standard error (module doc)."""
+    out = {**describe(list(values.values())), "values": values, "se_values": dict(se_values or {})}
+    if out["n"] > 1:
+        out["se"] = out["std"] / math.sqrt(out["n"])
+    else:
+        out["se"] = next(iter(out["se_values"].values()), None) if out["n"] == 1 else None
+    return out
 
 
 def _column_stats(runs: list[Run], columns: list[str], metric: str, suites: list[str]) -> dict[str, Any]:
     out = {}
     for column in columns:
         values = {str(run.seed): eval_value(run.final, column, metric, suites) for run in runs}
-        out[column] = stat({seed: v for seed, v in values.items() if v is not None})
+        ses = {str(run.seed): number(run.final, f"eval_se/{column}/{metric}") for run in runs}
+        out[column] = stat({seed: v for seed, v in values.items() if v is not None},
+                           {seed: v for seed, v in ses.items() if v is not None and values[seed] is not None})
+    return out
+
+
+def _gains(groups: dict[str, list[Run]], base: Base | None, metrics: list[str], columns: list[str]) -> dict:
+    """{metric: {regime: {column: stat of final − base over seeds}}}, from per-problem results."""
+    if base is None:
+        return {}
+    per_run = {(regime, str(run.seed)): run_gain(run, base) for regime, g in groups.items() for run in g}
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        for regime, g in groups.items():
+            row = {}
+            for column in columns:
+                found = {str(r.seed): per_run[(regime, str(r.seed))][metric][column] for r in g
+                         if per_run[(regime, str(r.seed))] and column in per_run[(regime, str(r.seed))].get(metric, {})}
+                row[column] = stat({s: v["gain"] for s, v in found.items()}, {s: v["se"] for s, v in found.items()})
+            out.setdefault(metric, {})[regime] = row
+    return out
+
+
+def _paired_problems(groups: dict[str, list[Run]], metrics: list[str], columns: list[str]) -> dict:
+    """Regime − REFERENCE on the runs' final per-problem results, per common seed, averaged over seeds."""
+    if REFERENCE not in groups:
+        return {}
+    results = {(regime, str(run.seed)): run_problem_results(run) for regime, g in groups.items() for run in g}
+    out: dict[str, Any] = {}
+    for regime, g in groups.items():
+        if regime == REFERENCE:
+            continue
+        seeds = [str(r.seed) for r in g if results.get((regime, str(r.seed)))
+                 and results.get((REFERENCE, str(r.seed)))]
+        for metric in metrics:
+            per_seed = [problem_difference(results[(regime, s)], results[(REFERENCE, s)], metric) for s in seeds]
+            row = {}
+            for column in columns:
+                parts = [d[column] for d in per_seed if column in d]  # (diff, se) per seed
+                if parts:
+                    diff, se = average_of_suites(parts)  # mean over seeds; seeds independent
+                    row[column] = {"diff": diff, "se": se, "seeds": seeds}
+            if row:
+                out.setdefault(metric, {})[regime] = row
     return out
 
 
@@ -84,8 +143,8 @@ def _run_entry(run: Run) -> dict[str, Any]:
             "wall_time": run.wall_time, "notes": list(run.notes)}
 
 
-def summarize(runs: Sequence[Run]) -> dict[str, Any]:
-    """Every number of the report from the loaded runs (pure: reads nothing, writes nothing)."""
+def summarize(runs: Sequence[Run], base: Base | None = None) -> dict[str, Any]:
+    """Every number of the report from the loaded runs (and the shared base evaluation, when given)."""
     groups = group_runs(runs)
     suites, metrics = suites_and_metrics([run.final for run in runs] + [row for run in runs for row in run.evals])
     columns = suites + [AVG]
@@ -100,6 +159,10 @@ def summarize(runs: Sequence[Run]) -> dict[str, Any]:
         "accuracy": accuracy,
         "extras": {regime: _extras(g) for regime, g in groups.items()},
         "paired": {m: _paired(accuracy[m], columns) for m in metrics},
+        "paired_problems": _paired_problems(groups, metrics, columns),
+        "base": None if base is None else {"path": base.path, "model": base.model,
+                                           "weights_hash": base.weights_hash, "values": base.values},
+        "gain": _gains(groups, base, metrics, columns),
     }
     summary["claims"] = evaluate_claims(groups, summary)
     return summary

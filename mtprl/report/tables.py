@@ -1,7 +1,8 @@
 """Tables from the summary dict: the same rows rendered as markdown or as aligned plain text.
 
-Cells show `mean ± std` over seeds (3 decimals for accuracies, 1 for seconds); a cell built from
-fewer runs than its row's n says so with `(n=…)`; a missing value is `—`.
+Accuracy cells show `mean ± standard error` (3 decimals): the SE over seeds (std/√n) when n > 1, the
+run's own SE over problems for one run; other cells `mean ± std` over seeds (1 decimal for seconds).
+A cell built from fewer runs than its row's n says so with `(n=…)`; a missing value is `—`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from mtprl.report.keys import AVG, MTP_EVAL_KEYS
 from mtprl.report.summary import WALL_TIME
 
 MISSING = "—"
+SE_NOTE = "mean ± standard error (over seeds when n > 1, over problems for one run)"
 
 
 def fmt_num(value: float | None, digits: int = 3, signed: bool = False) -> str:
@@ -20,13 +22,15 @@ def fmt_num(value: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def fmt_stat(stat: dict[str, Any] | None, digits: int = 3, n_row: int | None = None) -> str:
-    """'0.450 ± 0.071', '0.450' for one value, '—' for none; '(n=k)' when k differs from the row's n."""
+def fmt_stat(stat: dict[str, Any] | None, digits: int = 3, n_row: int | None = None, spread: str = "std",
+             signed: bool = False) -> str:
+    """'0.450 ± 0.071' (± `spread`: "std" or "se"), '0.450' without one, '—' for none; '(n=k)' when k
+    differs from the row's n."""
     if not stat or stat["n"] == 0:
         return MISSING
-    text = fmt_num(stat["mean"], digits)
-    if stat["std"] is not None:
-        text += f" ± {fmt_num(stat['std'], digits)}"
+    text = fmt_num(stat["mean"], digits, signed)
+    if stat.get(spread) is not None:
+        text += f" ± {fmt_num(stat[spread], digits)}"
     if n_row is not None and stat["n"] != n_row:
         text += f" (n={stat['n']})"
     return text
@@ -62,10 +66,51 @@ def summary_rows(summary: dict[str, Any], metric: str) -> tuple[list[str], list[
     for regime in summary["regimes"]:
         n = sum(1 for run in summary["runs"] if run["regime"] == regime)
         accuracy, extras = summary["accuracy"][metric][regime], summary["extras"][regime]
-        cells = [fmt_stat(accuracy[c], n_row=n) for c in summary["suites"] + [AVG]]
+        cells = [fmt_stat(accuracy[c], n_row=n, spread="se") for c in summary["suites"] + [AVG]]
         cells += [fmt_stat(extras.get(k), n_row=n) for k in mtp_keys]
         cells.append(fmt_stat(extras[WALL_TIME], digits=1, n_row=n))
         rows.append([_row_label(summary, regime), str(n), *cells])
+    return headers, rows
+
+
+def gain_rows(summary: dict[str, Any], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Regime × (n, suites, avg, avg / SE): final − base accuracy, paired by problem, mean ± SE."""
+    headers = ["regime", "n", *summary["suites"], AVG, "avg / SE"]
+    rows = []
+    for regime, row in summary["gain"].get(metric, {}).items():
+        n = sum(1 for run in summary["runs"] if run["regime"] == regime)
+        cells = [fmt_stat(row[c], n_row=n, spread="se", signed=True) for c in summary["suites"] + [AVG]]
+        avg = row[AVG]
+        ratio = MISSING if not avg["n"] or not avg["se"] else f"{avg['mean'] / avg['se']:.1f}"
+        rows.append([_row_label(summary, regime), str(n), *cells, ratio])
+    return headers, rows
+
+
+def base_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Suite × metric of the shared base evaluation, value ± SE over problems."""
+    values = summary["base"]["values"]
+    headers = ["suite", *summary["metrics"]]
+    rows = []
+    for suite in summary["suites"] + [AVG]:
+        cells = []
+        for metric in summary["metrics"]:
+            v, se = values.get(f"eval/{suite}/{metric}"), values.get(f"eval_se/{suite}/{metric}")
+            cells.append(MISSING if v is None else fmt_num(v) + ("" if se is None else f" ± {fmt_num(se)}"))
+        rows.append([suite, *cells])
+    return headers, rows
+
+
+def paired_problem_rows(summary: dict[str, Any], metric: str, columns: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Regime × column: the problem-by-problem difference against the reference (evaluation noise only)."""
+    headers = ["regime", "column", "seeds", "diff ± SE", "diff / SE"]
+    rows = []
+    for regime, by_column in summary["paired_problems"].get(metric, {}).items():
+        for column in columns:
+            c = by_column.get(column)
+            if c is None:
+                continue
+            ratio = MISSING if not c["se"] else f"{c['diff'] / c['se']:+.1f}"
+            rows.append([regime, column, ", ".join(c["seeds"]), f"{c['diff']:+.3f} ± {c['se']:.3f}", ratio])
     return headers, rows
 
 
@@ -89,7 +134,7 @@ def format_summary_table(summary: dict[str, Any], metric: str | None = None) -> 
     if metric is None:
         return "no eval accuracy in these runs"
     headers, rows = summary_rows(summary, metric)
-    title = f"final accuracy ({metric}), mean ± std over seeds"
+    title = f"final accuracy ({metric}), {SE_NOTE}"
     unfinished = any(row[0].endswith(" *") for row in rows)
     note = "\n* includes an unfinished run (numbers from its last eval)" if unfinished else ""
     return f"{title}\n{text_table(headers, rows)}{note}"

@@ -9,8 +9,11 @@ tokenizer is character-level):
 `solution` is everything after the prompt, i.e. exactly what a model should generate. The family
 owns its reward: 1.0 when the normalised answer after the first `####` equals the reference,
 otherwise 0.0 (or `format_reward` when a well-formed but wrong answer is given; off by default).
-Families can also write *imperfect* traces (a wrong step carried through, or correct steps with a
-wrong final answer); they serve to pre-train a base model that leaves room for RL.
+Families also write two kinds of imperfect traces for pre-training a base model that leaves room
+for RL: a *shortcut* (a plausible habit applied consistently, well-formed and right on part of
+the problems, e.g. additions without carries; `shortcut`), and *slips* (one wrong step carried
+through, or correct steps with a wrong final answer; `corrupt`). A base that has learnt both the
+procedure and the shortcut chooses between them at sampling time, which is what RL can select.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class TaskFamily(ABC):
     """A seeded generator of verifiable problems plus its reward.
 
     Subclasses set `name`, `normalize` (text -> canonical answer or None) and implement
-    `make_problem` and `corrupt`.
+    `make_problem`, `shortcut` and `corrupt`.
     """
 
     name: str = ""
@@ -86,6 +89,11 @@ class TaskFamily(ABC):
     @abstractmethod
     def make_problem(self, rng: random.Random, difficulty: int) -> Problem:
         """One problem of the given difficulty drawn from `rng`."""
+
+    @abstractmethod
+    def shortcut(self, problem: Problem) -> str:
+        """The family's shortcut trace for `problem`: the same line format, a plausible habit applied
+        throughout; it reaches the right answer on part of the problems only."""
 
     @abstractmethod
     def corrupt(self, problem: Problem, rng: random.Random, kind: CorruptionKind) -> str:

@@ -16,6 +16,10 @@ Writing the operation first keeps the arithmetic next to its operands (as the co
 Expressions are printed with the fewest parentheses that keep the usual precedence and left
 associativity, so the printed text parses back to the same tree. The answer is the canonical
 residue in 0..p-1 (an equivalent residue such as 9 for 2 mod 7 is scored wrong).
+
+Shortcut ("left to right"): the operations are done in the order they are written, ignoring
+operator precedence and brackets (`left_to_right`); the lines look the same. It is right when the
+written order is the evaluation order, or by chance (1 in 7) otherwise.
 """
 
 from __future__ import annotations
@@ -79,6 +83,24 @@ def replace_leftmost(tree: list, value: int) -> Tree:
     return [op, left, replace_leftmost(right, value)]
 
 
+def _leaves_and_ops(tree: Tree) -> list:
+    """The numbers and operators of `render(tree)` in written order, brackets dropped."""
+    if isinstance(tree, int):
+        return [tree]
+    op, left, right = tree
+    return _leaves_and_ops(left) + [op] + _leaves_and_ops(right)
+
+
+def left_to_right(tree: Tree) -> Tree:
+    """The tree of a reader who does the operations of `render(tree)` in written order, ignoring
+    operator precedence and brackets."""
+    items = _leaves_and_ops(tree)
+    out = items[0]
+    for i in range(1, len(items), 2):
+        out = [items[i], out, items[i + 1]]
+    return out
+
+
 def evaluation_lines(tree: Tree, modulus: int, slip: tuple[int, int] | None = None) -> tuple[list[str], int]:
     """One line per reduction and the final value.
 
@@ -125,6 +147,10 @@ class ModExprTask(TaskFamily):
             difficulty=difficulty,
             meta={"tree": tree, "modulus": self.modulus},
         )
+
+    def shortcut(self, problem: Problem) -> str:
+        lines, value = evaluation_lines(left_to_right(problem.meta["tree"]), problem.meta["modulus"])
+        return "\n".join(lines) + "\n" + final_line(str(value))
 
     def corrupt(self, problem: Problem, rng: random.Random, kind: CorruptionKind) -> str:
         tree, modulus = problem.meta["tree"], problem.meta["modulus"]

@@ -12,6 +12,10 @@ Difficulty d sorts d + 3 digits. Each line shows the sorted prefix after inserti
 
 An item is inserted before the first larger item of the prefix, i.e. after equal ones. Answers
 are compared as integer lists (spaces or commas, optional brackets; see `normalize_integer_list`).
+
+Shortcut ("skip repeats"): an item already in the prefix is not inserted again (its line repeats
+the prefix), so the answer loses the repeats. It is right exactly when the digits are distinct:
+30% of the 5-digit lists, 15% of the 6-digit ones.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ def insert_sorted(prefix: list[int], item: int) -> list[int]:
     return prefix[:at] + [item] + prefix[at:]
 
 
-def insertion_lines(items: list[int], slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+def insertion_lines(items: list[int], slip: tuple[int, int] | None = None,
+                    repeats: bool = True) -> tuple[list[str], list[int]]:
     """Lines of the insertion sort of `items` and the final list.
 
     `slip=(k, position)` inserts item k (k >= 1) at `position` instead of its sorted place; later
-    items are inserted by the usual rule into the now unsorted prefix.
+    items are inserted by the usual rule into the now unsorted prefix. With `repeats=False` an
+    item already in the prefix is skipped (the "skip repeats" shortcut).
     """
     prefix, lines = items[:1], []
     for k in range(1, len(items)):
-        if slip is not None and slip[0] == k:
+        if not repeats and items[k] in prefix:
+            pass
+        elif slip is not None and slip[0] == k:
             at = min(slip[1], len(prefix))
             prefix = prefix[:at] + [items[k]] + prefix[at:]
         else:
@@ -78,6 +86,10 @@ class SortTask(TaskFamily):
             difficulty=difficulty,
             meta={"items": items},
         )
+
+    def shortcut(self, problem: Problem) -> str:
+        lines, result = insertion_lines(problem.meta["items"], repeats=False)
+        return "\n".join(lines) + "\n" + final_line(" ".join(map(str, result)))
 
     def corrupt(self, problem: Problem, rng: random.Random, kind: CorruptionKind) -> str:
         items = problem.meta["items"]

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from mtprl.config import ConfigError, build_config, config_to_dict, opt, require
+from mtprl.losses import DUAL_CLIP, MTP_REGIMES
 
-REGIMES = ("frozen", "detach", "ce", "policy", "occ", "occ-exact")
-Regime = Literal["frozen", "detach", "ce", "policy", "occ", "occ-exact"]
 TINY_DEFAULT = "tiny-default"
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
@@ -40,11 +39,13 @@ class TrainConfig:
     max_prompt_tokens: int = opt(512, "longer prompts keep their last this many tokens")
 
     # ----- MTP regime ----------------------------------------------------------------------------
-    regime: Regime = opt("occ", "how the MTP heads train during RL: frozen, detach, ce, policy, occ, occ-exact")
+    regime: str = opt("occ", "how the MTP heads train during RL, a regime of mtprl.losses.MTP_REGIMES: "
+                             + ", ".join(MTP_REGIMES))
     mtp_coef: float = opt(0.1, "λ₀, the base MTP loss coefficient (split over the K heads; OCC scales it by ĉ)")
     occ_estimator: Literal["mean-ratio", "ratio-of-sums"] = opt("mean-ratio", "OCC proxy: the paper's mean of "
                                                                 "per-token ratios, or the least-squares slope")
     occ_clip: list[float] = opt([], "optional [lo, hi] clamp of the OCC λ; empty: none (the paper)")
+    occ_eps: float = opt(1e-8, "ε of the OCC proxy δμ / (μ² + ε) and of the occ-exact slope ⟨g_RL, g⟩ / (‖g‖² + ε)")
 
     # ----- batch layout ----------------------------------------------------------------------------
     steps: int = opt(100, "training steps (one rollout batch each)")
@@ -65,7 +66,8 @@ class TrainConfig:
     # ----- policy loss ----------------------------------------------------------------------------
     clip_low: float = opt(0.2, "lower clip ε_low: ratios below 1 − ε_low stop the gradient when A < 0")
     clip_high: float = opt(0.28, "upper clip ε_high (DAPO clip-higher): ratios above 1 + ε_high stop it when A > 0")
-    dual_clip: float | None = opt(None, "dual-clip constant c > 1 for A < 0; null: off")
+    dual_clip: float | None = opt(DUAL_CLIP, "dual-clip constant c > 1 for A < 0, main and MTP surrogate (10: the "
+                                             "paper's script); null: off")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
         "token-mean", "how per-token losses are reduced (token-mean: DAPO)")
     adv_scale: Literal["group", "batch", "none"] = opt("group", "advantage scaling: group std (GRPO), batch std, "
@@ -94,7 +96,9 @@ class TrainConfig:
     eval_at_start: bool = opt(True, "also evaluate the starting model (step 0) on a fresh run")
     eval_k: int = opt(4, "samples per problem for avg@k")
     eval_temperature: float = opt(0.6, "sampling temperature of avg@k (greedy pass@1 is also reported)")
-    eval_limit: int = opt(32, "problems per held-out suite")
+    eval_limit: int = opt(32, "problems per held-out suite in the intermediate evaluations")
+    final_eval_limit: int = opt(0, "problems per held-out suite in the final evaluation (the intermediate ones are "
+                                   "its first eval_limit); 0: eval_limit")
     exact_every: int = opt(10, "every this many steps log the exact gradient terms on the shared parameters "
                                "(two extra backward passes per head); 0: never")
 
@@ -133,13 +137,15 @@ class TrainConfig:
                 f"{self.prompts_per_step} × {self.group_size} = {batch}; choose a divisor of {batch}")
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        require(self.regime in REGIMES, f"regime must be one of {', '.join(REGIMES)}; got {self.regime!r}")
+        require(self.regime in MTP_REGIMES, f"regime must be one of {', '.join(MTP_REGIMES)} (the registered "
+                                            f"regimes); got {self.regime!r}")
         if self.num_mtp_layers is not None:
             require(self.num_mtp_layers >= 1, f"num_mtp_layers must be >= 1 or null, got {self.num_mtp_layers}")
 
     def _validate_optimisation(self) -> None:
         require(self.lr >= 0, f"lr must be >= 0 (the learning rate), got {self.lr}")
-        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "mtp_coef", "kl_coef", "overlong_penalty",
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "mtp_coef", "occ_eps", "kl_coef",
+                     "overlong_penalty",
                      "overlong_buffer", "eval_every", "exact_every", "save_every", "keep_checkpoints", "top_k",
                      "draft_tokens"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -161,6 +167,9 @@ class TrainConfig:
         require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
         require(self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}")
         require(self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
+        require(self.final_eval_limit == 0 or self.final_eval_limit >= self.eval_limit,
+                f"final_eval_limit ({self.final_eval_limit}) must be 0 (same as eval_limit) or at least eval_limit "
+                f"({self.eval_limit}): the intermediate problems are the first ones of the final set")
 
     def _validate_paths(self) -> None:
         if self.model != TINY_DEFAULT:

@@ -56,15 +56,16 @@ def _math_task(cfg, path: str, limit: int | None = None) -> MathTask:
 
 def build_problems(cfg) -> tuple[ProblemStream, RewardFn, dict[str, list[Problem]]]:
     """(training stream, reward function, held-out suites) for a TrainConfig."""
+    eval_limit = max(cfg.eval_limit, getattr(cfg, "final_eval_limit", 0))  # the evaluation takes prefixes
     if cfg.data is not None:
         task = _math_task(cfg, cfg.data)
-        suites = {Path(p).stem: _math_task(cfg, p, cfg.eval_limit).problems for p in cfg.eval_data}
+        suites = {Path(p).stem: _math_task(cfg, p, eval_limit).problems for p in cfg.eval_data}
         stream = ProblemStream(lambda: _shuffled_passes(task.problems, cfg.seed))
         return stream, task.reward, suites
 
     names = list(cfg.eval_suites) or list(SUITES)
-    suites = {name: suite_problems(name, size=cfg.eval_limit) for name in names}
-    held_out_size = max(SUITE_SIZE, cfg.eval_limit)
+    suites = {name: suite_problems(name, size=eval_limit) for name in names}
+    held_out_size = max(SUITE_SIZE, eval_limit)
     stream = ProblemStream(lambda: iter_training_problems(cfg.seed, cfg.families, suite_size=held_out_size))
 
     def reward(problem: Problem, completion: str) -> float:

@@ -5,10 +5,10 @@ before the mini-batch's update) we compute g_RL = ∇θ_s L_RL and, per head k, 
 `gradient_alignment`, and log ⟨g_RL, g_k⟩, ‖g_RL‖², ‖g_k‖², their cosine and the slope
 ⟨g_RL, g_k⟩ / (‖g_k‖² + ε) (the exact ĉ), beside the OCC proxy ĉ of the same tokens.
 
-The probe loss L_k is the MTP loss of the regime's family: the clipped surrogate for `policy`,
-`occ`, `occ-exact`, and also for `frozen` and `detach` (whose own term sends nothing to θ_s, so
-we measure what the policy-form term *would* send: the decomposition stays comparable across
-regimes); cross-entropy for `ce`. The probe runs its own forward pass with every detach switch
+The probe loss L_k is the regime's `probe_loss` (its record in `mtprl.losses.regimes`): the clipped
+surrogate for the policy-form regimes and also for `frozen` and the detach regimes (whose own term
+sends little or nothing to θ_s, so we measure what the policy-form term *would* send: the
+decomposition stays comparable across regimes); cross-entropy for `ce`. The probe runs its own forward pass with every detach switch
 off and only calls `torch.autograd.grad`, so it writes no `.grad`, draws no random numbers, and
 leaves the update unchanged. Losses are micro-batch means; with several workers the values are
 averaged over workers.
@@ -40,11 +40,6 @@ def detach_off(model):
         model.set_detach(hidden=saved.hidden, embedding=saved.embedding, head=saved.head)
 
 
-def probe_kind(regime: str) -> str:
-    """The MTP loss whose gradient the exact terms measure under `regime`."""
-    return "ce" if regime == "ce" else "policy"
-
-
 def exact_terms(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict[str, float]:
     """`exact/{k}/{dot, g_rl_sq, g_mtp_sq, cos, slope, proxy_c_hat}` on the first micro-batch of `rows`."""
     mb = batch.select(micro_batches(rows, dist, cfg.micro_batch_size)[0])
@@ -54,14 +49,15 @@ def exact_terms(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict
         options = dict(agg=cfg.loss_agg, norm_length=float(cfg.max_new_tokens), clip_low=cfg.clip_low,
                        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
         loss_rl, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, **options)
-        heads = mtp_head_losses(probe_kind(cfg.regime), mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
-                                old_log_prob=mb.old_log_probs, advantages=mb.advantages, **options)
+        heads = mtp_head_losses(cfg.regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
+                                log_prob=lp.log_probs, old_log_prob=mb.old_log_probs, advantages=mb.advantages,
+                                probe=True, **options)
         shared = model.shared_parameters()
         for k, loss_k in enumerate(heads):
             terms = gradient_alignment(shared, loss_rl, loss_k)
             out.update({f"exact/{k}/{_NAMES[name]}": value for name, value in terms.items()})
             _, proxy = occ_coefficient(lp.mtp_log_probs[k].detach(), lp.log_probs.detach(), mb.old_log_probs,
-                                       mb.head_mask[k], estimator=cfg.occ_estimator)
+                                       mb.head_mask[k], eps=cfg.occ_eps, estimator=cfg.occ_estimator)
             out[f"exact/{k}/proxy_c_hat"] = proxy["c_hat"]
     with torch.no_grad():
         return dist.mean_values(out)

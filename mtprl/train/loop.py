@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 
 from mtprl.config import ConfigError, config_to_dict
-from mtprl.model import MTPCausalLM, load_tokenizer
+from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
 from mtprl.train.checkpoint import load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
-from mtprl.train.evaluate import evaluate
+from mtprl.train.evaluate import evaluate, write_problem_results
 from mtprl.train.metrics import MetricsLog, Progress
 from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
-from mtprl.train.update import build_optimizer, configure_regime, prepare_log_probs, train_on_batch
+from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -130,7 +130,10 @@ class Run:
         return self.log.log("train", step, self.now(), metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        values = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step, self.dist)
+        values, per_problem = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step,
+                                       self.dist)
+        if self.dist.is_main:
+            write_problem_results(self.run_dir, step, per_problem)
         return self.log.log("eval", step, self.now(), values)
 
     def save(self, step: int) -> None:
@@ -169,7 +172,7 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     base = base_model_path(cfg)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
     model, tokenizer = load_model(plan.resume_from / "model" if plan.resume_from else base, cfg, dist.device)
-    configure_regime(model, cfg.regime)
+    apply_regime(model, cfg.regime)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)

@@ -20,7 +20,7 @@ Resuming with result-affecting settings that differ from the checkpoint's is ref
 list of differences (`result_differences`, the same rule `mtprl compare` re-uses runs by).
 
 `commit_start` is the first write: called once the model is built, it removes what a fresh run
-replaces (metrics, summary, checkpoints) or cuts the metrics back to the resumed step, and writes
+replaces (metrics, summary, checkpoints, per-problem eval results) or cuts the metrics back to the resumed step, and writes
 config.yaml. A run that fails before that point leaves the directory as it found it.
 """
 
@@ -47,6 +47,7 @@ except ImportError:  # not POSIX: an O_EXCL lock file whose owner's pid is check
 
 LOCK = ".lock"
 _RUN_FILES = ("metrics.jsonl", "summary.json")
+_RUN_DIRS = ("checkpoints", "evals")  # checkpoints, per-problem eval results
 
 
 def _pid_alive(pid: int) -> bool:
@@ -204,7 +205,8 @@ def commit_start(cfg: TrainConfig, run_dir: Path, plan: StartPlan) -> None:
     if plan.resume_from is None:
         for name in _RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in _RUN_DIRS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     else:
         truncate_after(run_dir / "metrics.jsonl", plan.step)
     save_config(cfg, run_dir / "config.yaml")

@@ -9,7 +9,7 @@ over workers (see `mtprl.train.distributed`), clipped, and AdamW steps.
 Departures from the paper's recipe / verl:
 - Gradient clipping applies to the shared parameters and the MTP-only parameters separately (each
   to `max_grad_norm`), so the MTP-only gradient can never shrink the shared step: under `frozen`
-  and `detach` the shared parameters then take exactly the step of a run without MTP term.
+  and `detach-mtp-only` the shared parameters then take exactly the step of a run without MTP term.
 - OCC's ĉ (and occ-exact's slope) is computed per micro-batch, from the tokens of the forward pass
   it scales (as verl computes each micro-batch's loss); with micro_batch_size >= the mini-batch it
   is the mini-batch's ĉ. λ is identical for 1 or N workers when the micro-batches are the same rows.
@@ -24,9 +24,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from mtprl.losses import (
-    gradient_alignment, kl_loss, mtp_head_losses, mtp_loss, occ_coefficient, policy_loss, valid_counts,
-)
+from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss, valid_counts
 from mtprl.train.batch import TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms
@@ -46,14 +44,6 @@ class Counts:
         tokens, seqs = valid_counts(batch.loss_mask[rows])
         head_tokens, head_seqs = valid_counts(batch.head_mask[:, rows])
         return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
-
-
-def configure_regime(model, regime: str) -> None:
-    """Detach switches (all on for `detach`) and, for `frozen`, MTP parameters without gradient."""
-    on = regime == "detach"
-    model.set_detach(hidden=on, embedding=on, head=on)
-    for p in model.mtp_parameters():
-        p.requires_grad_(regime != "frozen")
 
 
 def trainable(model) -> tuple[list[Tensor], list[Tensor]]:
@@ -83,13 +73,9 @@ def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist:
         batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
 
 
-def _renamed(metrics: dict[str, float]) -> dict[str, float]:
-    return {k.replace("clip_frac", "clipfrac"): v for k, v in metrics.items()}
-
-
 @torch.no_grad()
-def _diagnostics(lp, mb: TrainBatch, cfg) -> dict[str, float]:
-    """Entropy, per head teacher-forced top-1, NLL and (where λ does not use it) the proxy ĉ."""
+def _diagnostics(lp, mb: TrainBatch) -> dict[str, float]:
+    """Entropy and, per head, the teacher-forced top-1 agreement and NLL (the same keys under every regime)."""
     def mean(values: Tensor, mask: Tensor) -> float:
         return float(torch.where(mask, values.float(), 0.0).sum() / mask.sum().clamp(min=1))
 
@@ -98,14 +84,6 @@ def _diagnostics(lp, mb: TrainBatch, cfg) -> dict[str, float]:
         mask = mb.head_mask[k]
         out[f"mtp/{k}/top1"] = mean(lp.mtp_top1[k], mask)
         out[f"mtp/{k}/nll"] = mean(-lp.mtp_log_probs[k], mask)
-        if cfg.regime != "occ":
-            _, proxy = occ_coefficient(lp.mtp_log_probs[k], lp.log_probs, mb.old_log_probs, mask,
-                                       estimator=cfg.occ_estimator)
-            key = "proxy_c_hat" if cfg.regime == "occ-exact" else "c_hat"
-            out[f"mtp/{k}/{key}"] = proxy["c_hat"]
-        if cfg.regime == "frozen":
-            out[f"mtp/{k}/lambda"] = 0.0
-            out[f"mtp/{k}/loss"] = 0.0
     return out
 
 
@@ -124,25 +102,23 @@ def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts) -> tuple[Tensor,
     loss_rl, pg = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, cfg.clip_low,
                               cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_tokens=counts.tokens,
                               global_seqs=counts.seqs, norm_length=float(cfg.max_new_tokens))
-    options = _loss_options(cfg, counts)
+    regime = get_regime(cfg.regime)
+    inputs = dict(mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask, log_prob=lp.log_probs,
+                  old_log_prob=mb.old_log_probs, advantages=mb.advantages, **_loss_options(cfg, counts))
     slopes = None
-    if cfg.regime == "occ-exact":
-        heads = mtp_head_losses("occ-exact", mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
-                                old_log_prob=mb.old_log_probs, advantages=mb.advantages, **options)
-        slopes = [gradient_alignment(model.shared_parameters(), loss_rl, h)["slope"] for h in heads]
-    loss_mtp, mtp = mtp_loss(cfg.regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask, log_prob=lp.log_probs,
-                             old_log_prob=mb.old_log_probs, advantages=mb.advantages, coef=cfg.mtp_coef,
-                             occ_estimator=cfg.occ_estimator, occ_clip=tuple(cfg.occ_clip) or None,
-                             exact_slope=slopes, **options)
+    if regime.needs_exact_slopes:  # two extra backward passes per head, on the shared parameters
+        slopes = exact_slopes(model.shared_parameters(), loss_rl, mtp_head_losses(regime, **inputs), cfg.occ_eps)
+    loss_mtp, mtp = mtp_loss(regime, coef=cfg.mtp_coef, occ_estimator=cfg.occ_estimator, occ_eps=cfg.occ_eps,
+                             occ_clip=tuple(cfg.occ_clip) or None, exact_slope=slopes, **inputs)
     loss = loss_rl + loss_mtp
-    metrics = {**pg, **mtp, **_diagnostics(lp, mb, cfg)}
+    metrics = {**pg, **mtp, **_diagnostics(lp, mb)}
     if cfg.kl_coef > 0:
         kl, kl_metrics = kl_loss(lp.log_probs, mb.ref_log_probs, mb.loss_mask, cfg.kl_estimator, cfg.loss_agg,
                                  global_tokens=counts.tokens, global_seqs=counts.seqs,
                                  norm_length=float(cfg.max_new_tokens))
         loss = loss + cfg.kl_coef * kl
         metrics.update(kl_metrics)
-    return loss, _renamed(metrics)
+    return loss, metrics
 
 
 class MetricSums:
@@ -172,9 +148,8 @@ def _step(model, optimizer, scheduler, cfg, dist: Dist) -> dict[str, float]:
             p.grad = torch.zeros_like(p)
     dist.sum_([p.grad for p in shared + mtp])
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    out = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(shared, max_norm)), "lr": scheduler.get_last_lr()[0]}
-    if mtp:
-        out["mtp/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(mtp, max_norm))
+    out = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(shared, max_norm)), "lr": scheduler.get_last_lr()[0],
+           "mtp/grad_norm": float(torch.nn.utils.clip_grad_norm_(mtp, max_norm)) if mtp else 0.0}  # 0: none trains
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
