@@ -99,3 +99,12 @@ def test_bare_resume_means_auto_and_yaml_loses_to_the_command_line(tmp_path):
     cfg = load_config(TrainConfig, args)
     assert (cfg.resume, cfg.regime, cfg.steps) == ("auto", "policy", 9)
     assert parser.parse_args([]).resume is None  # absent: the config's value ("none" by default) stands
+
+
+def test_the_torch_free_names_match_the_losses():
+    """train/config.py names the built-in regimes and the dual-clip default without importing mtprl.losses."""
+    from mtprl.losses import DUAL_CLIP, MTP_REGIMES
+    from mtprl.train.config import BUILT_IN_REGIMES, DEFAULT_DUAL_CLIP
+
+    assert BUILT_IN_REGIMES == tuple(MTP_REGIMES)  # tests that register a regime remove it again
+    assert DEFAULT_DUAL_CLIP == DUAL_CLIP == TrainConfig().dual_clip
