@@ -211,7 +211,7 @@ def test_two_train_processes_on_one_folder(tiny_checkpoint, tmp_path):
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.2)
         others = [subprocess.Popen(base + extra, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                  for extra in ([], ["--overwrite"], ["--resume", "auto"])]
+                  for extra in (["--overwrite"], ["--resume", "auto"])]
         results = [(p.wait(timeout=120), p.stderr.read()) for p in others]
         assert first.poll() is None, "the first run ended before the others were tried"
     finally:

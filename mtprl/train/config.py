@@ -44,8 +44,8 @@ class TrainConfig:
     max_prompt_tokens: int = opt(512, "longer prompts keep their last this many tokens")
 
     # ----- MTP regime ----------------------------------------------------------------------------
-    regime: str = opt("occ", "how the MTP heads train during RL, a regime of mtprl.losses.MTP_REGIMES (built in: "
-                             + ", ".join(BUILT_IN_REGIMES) + ")")
+    regime: str = opt("occ", "how the MTP heads train during RL: a regime of mtprl.losses.MTP_REGIMES; built in: "
+                             + ", ".join(BUILT_IN_REGIMES))
     mtp_coef: float = opt(0.1, "λ₀, the base MTP loss coefficient (split over the K heads; OCC scales it by ĉ)")
     occ_estimator: Literal["mean-ratio", "ratio-of-sums"] = opt("mean-ratio", "OCC proxy: the paper's mean of "
                                                                 "per-token ratios, or the least-squares slope")
