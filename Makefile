@@ -10,14 +10,15 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench clean
 
+# verl 0.9.1 pins transformers<5.11 but runs with ours for what mtprl uses (docs/integrations.md): it is
+# installed last and without its dependencies, so pip neither downgrades transformers nor reports the pin as
+# an ERROR (a --no-deps install skips pip's conflict check).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,trl]"
 	$(PIP) install -q "ray>=2.41" "tensordict>=0.8,<=0.10.0,!=0.9.0" omegaconf codetiming orjson
-	# verl 0.9.1 pins transformers<5.11 but runs with ours for what mtprl uses (docs/integrations.md): it goes
-	# last and without its dependencies, so pip neither downgrades transformers nor reports the pin as an ERROR.
 	$(PIP) install -q --no-deps "verl==0.9.1"
 	touch $(STAMP)
 
