@@ -91,6 +91,74 @@ def test_implicit_pretraining_says_what_how_long_and_where(tmp_path, monkeypatch
     directory = ensure_base_model(cfg)
     notice = capsys.readouterr().err
     assert "pre-training the embedded base model (2800 steps" in notice
-    assert "about 5 min" in notice and str(directory) in notice
+    assert "about 6 min" in notice and str(directory) in notice
     ensure_base_model(cfg)  # cached now: says nothing
     assert capsys.readouterr().err == ""
+
+
+def _ship(directory, cfg):
+    """A fake shipped base: a tiny model saved with the summary the real one carries."""
+    from mtprl.model import build_tiny_model
+    from mtprl.pretrain.cache import weights_hash
+
+    tok = build_tokenizer()
+    build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1).save_pretrained(directory,
+                                                                                                   tokenizer=tok)
+    (directory / "summary.json").write_text(json.dumps({"cache_key": cache_key(cfg),
+                                                        "weights_hash": weights_hash(directory)}))
+
+
+def test_shipped_base_is_used_for_its_config_and_its_hash_is_checked(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from mtprl.config import ConfigError
+    from mtprl.pretrain import cache
+
+    shipped = tmp_path / "shipped"
+    cfg = make(cache_dir=str(tmp_path / "cache"))
+    _ship(shipped, cfg)
+    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: pytest.fail("the shipped base must be used"))
+    assert ensure_base_model(cfg) == shipped
+    # another config is not served the shipped weights
+    assert cache.shipped_base(make(seed=5)) is None
+    # one weight changed by a tiny amount: the hash no longer matches and the base is refused, naming both hashes
+    weights = shipped / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1e-6
+    save_file(tensors, weights, metadata={"format": "pt"})
+    recorded = json.loads((shipped / "summary.json").read_text())["weights_hash"]
+    with pytest.raises(ConfigError, match=f"has weights hash [0-9a-f]{{16}}, but its summary.json records {recorded}"):
+        ensure_base_model(cfg)
+
+
+def test_weights_hash_ignores_serialisation_but_not_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mtprl.pretrain.cache import weights_hash
+
+    _ship(tmp_path / "a", make())
+    tensors = load_file(tmp_path / "a" / "model.safetensors")
+    (tmp_path / "b").mkdir()
+    save_file(dict(reversed(list(tensors.items()))), tmp_path / "b" / "model.safetensors")  # other order, no metadata
+    assert weights_hash(tmp_path / "a") == weights_hash(tmp_path / "b")
+    name = sorted(tensors)[-1]
+    tensors[name] = -tensors[name]
+    save_file(tensors, tmp_path / "b" / "model.safetensors")
+    assert weights_hash(tmp_path / "a") != weights_hash(tmp_path / "b")
+
+
+def test_the_shipped_base_is_the_default_configs_and_intact():
+    # The base in the repository must be what `mtprl pretrain` with the defaults is asked for (same cache key:
+    # FORMAT_VERSION and every weight-relevant default), and its weights must still hash to its recorded value.
+    from mtprl.pretrain import cache
+
+    summary = load_summary(cache.SHIPPED_DIR)
+    assert cache.shipped_base(PretrainConfig()) == cache.SHIPPED_DIR, (
+        "the shipped base was trained with other settings than PretrainConfig's defaults: re-create it with "
+        "`mtprl pretrain --force --output-dir mtprl/pretrain/base` or restore the defaults")
+    assert cache.weights_hash(cache.SHIPPED_DIR) == summary["weights_hash"]
+    assert summary["config"]["steps"] == PretrainConfig().steps
+    assert set(summary["suites"]) == {"add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"}

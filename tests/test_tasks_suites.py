@@ -3,7 +3,7 @@
 import pytest
 
 from mtprl.tasks import SUITES, get_task, eval_suites, iter_training_problems, suite_problems, training_problems
-from mtprl.tasks.suites import SUITE_SIZE
+from mtprl.tasks.suites import SUITE_LEVELS, SUITE_SIZE
 
 EXPECTED_NAMES = ["add-easy", "add-hard", "expr-easy", "expr-hard", "sort-easy", "sort-hard"]
 
@@ -37,7 +37,10 @@ def test_training_problems_never_contain_a_suite_prompt():
     assert len(train) == 20000
     assert not held_out & {p.prompt for p in train}
     assert {p.family for p in train} == {"add", "expr", "sort"}
-    assert {p.difficulty for p in train} == {1, 2, 3}
+    # by default each family trains at its suites' levels: the same distribution as the suites, other prompts
+    assert {(p.family, p.difficulty) for p in train} == set(SUITES.values())
+    wider = training_problems(seed=0, n=300, difficulties=[1, 2, 3])
+    assert {p.difficulty for p in wider} == {1, 2, 3}
 
 
 def test_training_stream_is_deterministic_and_filters_custom_suites():
@@ -54,3 +57,4 @@ def test_unknown_suite_and_empty_families():
         suite_problems("mul-easy")
     with pytest.raises(ValueError, match="at least one family"):
         training_problems(seed=0, n=1, families=[])
+    assert SUITE_LEVELS == {"add": (1, 2), "expr": (1, 2), "sort": (2, 3)}

@@ -16,7 +16,7 @@ class PretrainConfig:
     """Pre-training of the embedded default (NTP + MTP cross-entropy on generated traces)."""
 
     seed: int = opt(0, "seed of the initial weights and of the training data")
-    steps: int = opt(2800, "optimiser steps")
+    steps: int = opt(10000, "optimiser steps")
     batch_size: int = opt(16, "traces per step (small batches learn more per token at this size)")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak (cosine decay)")
@@ -33,7 +33,8 @@ class PretrainConfig:
     mtp_weight_final: float = opt(0.1, "MTP loss weight after mtp_decay_at of the steps (DeepSeek-V3: 0.1)")
     mtp_decay_at: float = opt(0.7, "share of the steps after which the MTP weight drops to mtp_weight_final")
     families: list[str] = opt(["add", "expr", "sort"], "task families to train on")
-    difficulties: list[int] = opt([1, 2, 3], "difficulty levels to train on (uniform)")
+    difficulties: list[int] = opt([], "difficulty levels to train on (uniform); empty: each family at its suites' "
+                                      "levels")
     shortcut_fraction: float = opt(0.5, "share of traces that follow the family's shortcut (right on part of the "
                                         "problems only); what RL can select away")
     slip_fraction: float = opt(0.0, "share of traces with one wrong step or a wrong final answer (always wrong)")
@@ -64,8 +65,8 @@ class PretrainConfig:
         unknown = [f for f in self.families if f not in TASKS]
         require(bool(self.families) and not unknown,
                 f"families must be a non-empty list from {sorted(TASKS)}; unknown: {unknown}")
-        require(bool(self.difficulties) and min(self.difficulties) >= 1,
-                "difficulties must be a non-empty list of ints >= 1")
+        require(not self.difficulties or min(self.difficulties) >= 1,
+                "difficulties must be empty (the suites' levels) or a list of ints >= 1")
         require(self.hidden_size % self.num_heads == 0 and self.num_heads % self.num_kv_heads == 0,
                 f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) and num_heads by "
                 f"num_kv_heads ({self.num_kv_heads})")

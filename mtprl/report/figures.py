@@ -106,10 +106,24 @@ def fig_accuracy_avg(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     metric, suites = summary["headline"], summary["suites"]
     if metric is None:
         return "no eval accuracy in any run"
-    fig, axes = _figure(1, 1, f"average accuracy ({metric}) vs step")
+    fig, axes = _figure(1, 1, f"average accuracy ({metric}) vs step, ± 1 SE over problems (one seed)")
     if not _panel(axes[0, 0], groups, "eval", lambda row: eval_value(row, AVG, metric, suites), "average"):
         return "no eval row carries an average accuracy"
+    _se_bars(axes[0, 0], groups, metric, suites)
     return fig
+
+
+def _se_bars(ax: Any, groups: Groups, metric: str, suites: list[str]) -> None:
+    """Error bars of ± 1 evaluation SE on the curve of each regime with a single run (several seeds show a band)."""
+    for regime, runs in groups.items():
+        if len(runs) != 1:
+            continue
+        points = [(row["step"], eval_value(row, AVG, metric, suites), number(row, f"eval_se/{AVG}/{metric}"))
+                  for row in runs[0].evals]
+        points = [p for p in points if p[1] is not None and p[2] is not None]
+        if points:
+            steps, values, ses = zip(*points)
+            ax.errorbar(steps, values, yerr=ses, fmt="none", ecolor=_color(regime, groups), capsize=2, linewidth=0.8)
 
 
 def fig_accuracy_suites(groups: Groups, summary: dict[str, Any]) -> Figure | str:

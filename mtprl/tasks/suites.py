@@ -2,8 +2,10 @@
 
 Six suites (three families x two difficulty levels) stand in for the paper's six benchmarks.
 They are fixed by a seed and a size, hold distinct prompts, and keep stable names so reports of
-different runs can be compared. The training stream draws from the same families at a range of
-difficulties and skips every prompt that appears in a suite (disjointness by prompt string).
+different runs can be compared. The training stream draws from the same families, by default at
+the suites' own difficulty levels (`SUITE_LEVELS`: a train/test split of one distribution, so the
+tiny model's capacity goes to what is evaluated), or at any levels asked for, and skips every
+prompt that appears in a suite (disjointness by prompt string).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ SUITES: dict[str, tuple[str, int]] = {
 }
 SUITE_SEED = 7919
 SUITE_SIZE = 256
-TRAIN_DIFFICULTIES = (1, 2, 3)
+# family -> the difficulty levels of its suites: the default training levels.
+SUITE_LEVELS: dict[str, tuple[int, ...]] = {}
+for _family, _level in SUITES.values():
+    SUITE_LEVELS[_family] = SUITE_LEVELS.get(_family, ()) + (_level,)
+TRAIN_DIFFICULTIES: tuple[int, ...] = ()  # empty: each family at its SUITE_LEVELS
 
 
 def suite_problems(name: str, seed: int = SUITE_SEED, size: int = SUITE_SIZE) -> list[Problem]:
@@ -62,19 +68,26 @@ def iter_training_problems(
     suite_seed: int = SUITE_SEED,
     suite_size: int = SUITE_SIZE,
 ) -> Iterator[Problem]:
-    """An endless stream of training problems, uniform over families and difficulties.
+    """An endless stream of training problems, uniform over families, then over difficulties.
 
-    Every prompt of the suites fixed by (`suite_seed`, `suite_size`) is skipped, so pass the
-    values the evaluation uses. Deterministic for a given seed; repeats are possible.
+    `difficulties` empty: each family at its suites' levels (`SUITE_LEVELS`); a family without a
+    suite then needs explicit levels. Every prompt of the suites fixed by (`suite_seed`,
+    `suite_size`) is skipped, so pass the values the evaluation uses. Deterministic for a given
+    seed; repeats are possible.
     """
     families = sorted({family for family, _ in SUITES.values()}) if families is None else list(families)
-    if not families or not difficulties:
-        raise ValueError("training_problems needs at least one family and one difficulty")
-    tasks = [get_task(name) for name in families]
+    if not families:
+        raise ValueError("training_problems needs at least one family")
+    levels = {name: list(difficulties) or list(SUITE_LEVELS.get(name, ())) for name in families}
+    missing = [name for name, found in levels.items() if not found]
+    if missing:
+        raise ValueError(f"families {missing} have no suite, so their training difficulties must be given")
+    tasks = [(get_task(name), levels[name]) for name in families]
     held_out = {p.prompt for suite in eval_suites(suite_seed, suite_size).values() for p in suite}
     rng = random.Random(f"train:{seed}")
     while True:
-        problem = rng.choice(tasks).make_problem(rng, rng.choice(list(difficulties)))
+        task, task_levels = rng.choice(tasks)
+        problem = task.make_problem(rng, rng.choice(task_levels))
         if problem.prompt not in held_out:
             yield problem
 
