@@ -41,9 +41,13 @@ DEMO_REGIMES = ["frozen", "detach", "ce", "policy", "occ"]
 DEMO_SETTINGS = ["prompts_per_step=16", "group_size=8", "mini_batches=4", "lr=1e-4", "warmup_steps=0",
                  "dynamic_sampling=true", "max_new_tokens=96", "eval_every=20", "eval_limit=64",
                  "final_eval_limit=256", "eval_k=4", "eval_temperature=1.0", "exact_every=10", "save_every=20"]
-# Settings that do not change a run's result; a re-used run may differ in them.
-_NOT_RESULT = {"resume", "progress", "overwrite", "output_dir", "log_with", "project", "save_every",
-               "keep_checkpoints"}
+# `mtprl train` settings compare sets itself, refused in train_config / --set: per run, or by its own options.
+OWNED = {"regime": "set per run from --regimes", "seed": "set per run from --seeds",
+         "output_dir": "set per run under --output-dir", "steps": "use compare's --steps",
+         "mtp_coef": "use compare's --mtp-coef", "occ_estimator": "use compare's --occ-estimator",
+         "resume": "compare resumes unfinished runs and re-uses finished ones",
+         "overwrite": "compare restarts a run that saved no checkpoint (same settings, so nothing is lost)",
+         "eval_at_start": "compare evaluates the shared base once, as every run's step 0"}
 
 
 @dataclasses.dataclass
@@ -57,7 +61,8 @@ class CompareConfig:
     occ_estimator: str = opt("mean-ratio", "OCC proxy estimator: mean-ratio (paper) or ratio-of-sums")
     train_config: str | None = opt(None, "YAML file of `mtprl train` settings shared by every run")
     set: list[str] = opt([], "shared `mtprl train` settings as key=value; they win over train_config, which wins "
-                             "over the built-in ones: " + " ".join(DEMO_SETTINGS))
+                             "over the built-in ones: " + " ".join(DEMO_SETTINGS) + "; the settings compare sets "
+                             "itself (" + ", ".join(OWNED) + ") are refused")
     output_dir: str = opt("runs/compare", "experiment folder: runs/ and report/")
     workers: int = opt(2, "runs at a time (child processes sharing the CPU cores); 1: in this process")
 
@@ -99,18 +104,21 @@ def plan_runs(cfg: CompareConfig) -> list[tuple[str, object]]:
     """(name, TrainConfig) for every regime × seed; every config is checked before anything runs."""
     from mtprl.train.config import TrainConfig
 
-    shared = _parse_sets(DEMO_SETTINGS)
-    shared.update(read_yaml(cfg.train_config) if cfg.train_config else {})
-    shared.update(_parse_sets(cfg.set))
-    for key in ("regime", "seed", "output_dir", "eval_at_start"):
-        if key in shared:
-            raise ConfigError(f"'{key}' is set per run by compare; remove it from train_config / --set")
+    given = read_yaml(cfg.train_config) if cfg.train_config else {}
+    given.update(_parse_sets(cfg.set))
+    owned = [f"{key} ({OWNED[key]})" for key in OWNED if key in given]
+    if owned:
+        raise ConfigError(f"train_config / --set may not hold the settings compare sets itself: {'; '.join(owned)}")
+    shared = {**_parse_sets(DEMO_SETTINGS), **given}
+    if cfg.workers > 1 and len(cfg.regimes) * len(cfg.seeds) > 1:
+        shared.setdefault("progress", False)  # child processes log to train.log; a bar there only if asked for
     runs = []
     for regime in cfg.regimes:
         for seed in cfg.seeds:
             name = f"{regime}-seed{seed}"
             values = {**shared, "regime": regime, "seed": seed, "steps": cfg.steps, "mtp_coef": cfg.mtp_coef,
-                      "occ_estimator": cfg.occ_estimator, "resume": "auto", "eval_at_start": False,
+                      "occ_estimator": cfg.occ_estimator, "resume": "auto", "overwrite": True,
+                      "eval_at_start": False,
                       "output_dir": str(Path(cfg.output_dir) / "runs" / name)}
             runs.append((name, build_config(TrainConfig, values, f"the settings of run {name}")))
     return runs
@@ -122,13 +130,13 @@ def run_state(train_cfg) -> str:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return "new"
+    from mtprl.train.config import result_differences
+
     recorded = yaml.safe_load(saved.read_text()) or {}
-    wanted = config_to_dict(train_cfg)
-    diff = [k for k in wanted if k not in _NOT_RESULT and recorded.get(k) != wanted[k]]
+    diff = result_differences(recorded, train_cfg)
     if diff:
-        k = diff[0]
-        raise ConfigError(f"run directory '{run_dir}' holds a run with other settings ({k}: {recorded.get(k)!r} "
-                          f"there, {wanted[k]!r} now); use another --output-dir or remove that run")
+        raise ConfigError(f"run directory '{run_dir}' holds a run with other settings ({'; '.join(diff)}); use "
+                          "another --output-dir or remove that run")
     return "done" if (run_dir / "summary.json").is_file() else "partial"
 
 
@@ -136,7 +144,7 @@ def _child_command(train_cfg, threads: int) -> tuple[list[str], dict]:
     run_dir = Path(train_cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     request = run_dir / "requested.yaml"
-    request.write_text(yaml.safe_dump({**config_to_dict(train_cfg), "progress": False}, sort_keys=False))
+    request.write_text(yaml.safe_dump(config_to_dict(train_cfg), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return [sys.executable, "-m", "mtprl", "train", "--config", str(request)], env
 
@@ -229,11 +237,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     from mtprl.report import build_report, format_summary_table
     from mtprl.train import train
     from mtprl.pretrain import PretrainConfig, ensure_base_model
+    from mtprl.train.loop import check_inputs
 
     start = time.perf_counter()
     runs = plan_runs(cfg)
     states = {name: run_state(tc) for name, tc in runs}
     todo = [(name, tc) for name, tc in runs if states[name] != "done"]
+    if todo:  # model directory and data: every run reads the same ones
+        check_inputs(todo[0][1])
     print(f"{len(runs)} runs: {len(runs) - len(todo)} re-used, {len(todo)} to run "
           f"({', '.join(n for n, _ in todo) or 'none'})", flush=True)
     if todo and any(tc.model == "tiny-default" for _, tc in todo):

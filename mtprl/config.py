@@ -19,8 +19,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from mtprl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value, key or file is wrong; the message names it and how to fix it."""
 
 

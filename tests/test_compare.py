@@ -2,8 +2,10 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from mtprl.compare import CompareConfig, DemoConfig, plan_runs, run_compare, run_state
 from mtprl.config import ConfigError, build_config
@@ -33,6 +35,7 @@ def _final_eval(run_dir):
     return [r for r in rows if r["kind"] == "eval"][-1]
 
 
+@pytest.mark.slow
 def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys):
     cfg = _mini(base_dir, tmp_path / "exp", workers=2)
     summary = run_compare(cfg)
@@ -75,6 +78,7 @@ def test_miniature_demo_report_matches_metrics_files(base_dir, tmp_path, capsys)
     assert (tmp_path / "exp" / "base" / "eval.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_changed_settings_on_a_finished_run_are_refused(base_dir, tmp_path):
     cfg = _mini(base_dir, tmp_path / "exp", regimes=["detach"], workers=1)
     run_compare(cfg)
@@ -102,7 +106,7 @@ def test_bad_shared_train_settings_fail_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
         plan_runs(cfg)
     cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "set": ["regime=occ"]})
-    with pytest.raises(ConfigError, match="'regime' is set per run by compare"):
+    with pytest.raises(ConfigError, match=r"compare sets itself: regime \(set per run from --regimes\)"):
         plan_runs(cfg)
     assert not any(tmp_path.iterdir())
 
@@ -115,3 +119,60 @@ def test_demo_defaults_cover_the_five_regimes_with_one_seed():
     # identical settings apart from the regime
     dicts = [{k: v for k, v in vars(tc).items() if k not in ("regime", "output_dir")} for _, tc in runs]
     assert all(d == dicts[0] for d in dicts)
+
+
+def test_set_refuses_every_setting_compare_owns(tmp_path):
+    """Finding 6: `--set mtp_coef=0.5 steps=7 occ_estimator=ratio-of-sums resume=none` ran with compare's values."""
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "set": [
+        "mtp_coef=0.5", "steps=7", "occ_estimator=ratio-of-sums", "resume=none", "lr=0.01"]})
+    with pytest.raises(ConfigError) as err:
+        plan_runs(cfg)
+    message = str(err.value)
+    for key, why in [("steps", "--steps"), ("mtp_coef", "--mtp-coef"), ("occ_estimator", "--occ-estimator"),
+                     ("resume", "resumes unfinished runs")]:
+        assert f"{key} (" in message and why in message, key
+    assert "lr" not in message
+    train_config = tmp_path / "shared.yaml"
+    train_config.write_text("seed: 3\noverwrite: false\n")
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "train_config": str(train_config)})
+    with pytest.raises(ConfigError, match=r"seed \(set per run from --seeds\); overwrite \("):
+        plan_runs(cfg)
+    assert not any(p for p in tmp_path.iterdir() if p != train_config)
+
+
+def test_set_honours_every_other_setting(tmp_path):
+    sets = ["lr=0.01", "group_size=4", "kl_coef=0.05", "progress=true", "eval_every=3", "occ_clip=[-1, 1]"]
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path), "set": sets, "workers": 2, "steps": 9,
+                                       "mtp_coef": 0.5, "regimes": ["detach", "occ"], "seeds": [0]})
+    runs = plan_runs(cfg)
+    for name, tc in runs:
+        assert (tc.lr, tc.group_size, tc.kl_coef, tc.progress, tc.eval_every, tc.occ_clip) == (
+            0.01, 4, 0.05, True, 3, [-1.0, 1.0])
+        assert (tc.steps, tc.mtp_coef, tc.regime, tc.resume) == (9, 0.5, name.split("-")[0], "auto")
+    # What a child process is asked to run is the run's config, nothing changed on the way.
+    from mtprl.compare import _child_command
+
+    command, _ = _child_command(runs[0][1], threads=1)
+    requested = build_config(type(runs[0][1]), yaml.safe_load(Path(command[-1]).read_text()))
+    assert requested == runs[0][1]
+    # Without a word from the user, runs in child processes show no progress bar in their train.log.
+    quiet = plan_runs(build_config(CompareConfig, {"output_dir": str(tmp_path), "workers": 2}))
+    assert all(tc.progress is False for _, tc in quiet)
+
+
+def test_bad_data_fails_before_the_base_is_pretrained(tmp_path, monkeypatch):
+    """Finding 1 for compare/demo: the data is read before the shared base is pre-trained (or found)."""
+    import mtprl.pretrain as pretrain
+    from mtprl.errors import UserError
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pre-training started before the data was checked")
+
+    monkeypatch.setattr(pretrain, "ensure_base_model", no_pretraining)
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"problem": "1 + 1"}\n')
+    cfg = build_config(CompareConfig, {"output_dir": str(tmp_path / "exp"), "regimes": ["detach"], "seeds": [0],
+                                       "set": [f"data={data}", "eval_suites=[]"]})
+    with pytest.raises(UserError, match="row 1, column 'answer' is missing"):
+        run_compare(cfg)
+    assert not (tmp_path / "exp").exists()

@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+
+pytest.importorskip("trl", reason="the TRL adapter needs the trl extra: pip install 'mtprl[trl]'")
 from trl import GRPOConfig, GRPOTrainer
 
 from mtprl.integrations.trl import MTPGRPOTrainer, task_dataset, task_reward_function, trl_aggregation

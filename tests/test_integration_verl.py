@@ -13,6 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+pytest.importorskip("verl", reason="the verl adapter needs verl: pip install 'mtprl[verl]' (or the light install "
+                                   "of the Makefile, docs/integrations.md)")
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, PolicyLossConfig

@@ -16,6 +16,7 @@ import yaml
 
 from mtprl.cli import main
 from mtprl.report import ReportError, Run, build_report, format_summary_table, load_runs, summarize
+from mtprl.report.summary import group_runs
 
 SUITES = ("add-easy", "modexpr-hard")
 # (regime, seed): (avg@4 per suite, greedy per suite, mtp_accept, wall_time)
@@ -207,7 +208,7 @@ def test_format_summary_table_is_aligned(report):
 
 def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
     out = tmp_path / "cli-report"
-    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    assert main(["report", *map(str, runs), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "0.450 ± 0.050" in printed and "claim (1) occ matches or beats detach: reproduced" in printed
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
@@ -215,7 +216,7 @@ def test_cli_writes_report_and_prints_table(runs, tmp_path, capsys):
 
 def test_cli_bad_input_writes_nothing(runs, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["report", str(runs[0]), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["report", str(runs[0]), str(tmp_path / "missing"), "--output-dir", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
 
@@ -303,3 +304,42 @@ def test_average_column_falls_back_to_the_suite_mean():
     assert avg["values"] == {"0": pytest.approx(0.4)} and avg["n"] == 1
     table = format_summary_table(summary)
     assert "0.400 (n=1)" in table and "0.350 ± 0.150" in table  # suite a: (0.2, 0.5), SE 0.3/√2/√2
+
+
+def _figure_runs(tmp_path, draft_tokens):
+    dirs = [write_run(tmp_path / "runs", regime, seed) for regime, seed in FINAL]
+    for run_dir in dirs:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "draft_tokens": draft_tokens}))
+    return group_runs(load_runs(dirs))
+
+
+def test_acceptance_is_drawn_only_for_runs_that_drafted(tmp_path):
+    """Finding 7: the report drew rollout acceptance as a flat 0 line when drafting was off."""
+    from mtprl.report.figures import fig_mtp_acceptance
+
+    titles = [ax.get_title() for ax in fig_mtp_acceptance(_figure_runs(tmp_path / "off", 0), {}).axes]
+    assert "rollout acceptance (train)" not in titles and "MTP acceptance (eval)" in titles
+    titles = [ax.get_title() for ax in fig_mtp_acceptance(_figure_runs(tmp_path / "on", 2), {}).axes]
+    assert "rollout acceptance (train)" in titles
+
+
+def test_step_ticks_are_whole_and_small_changes_stay_small(tmp_path):
+    """Finding 7: fractional step ticks; y-axes that zoomed a 0.02 change into a collapse."""
+    from mtprl.report.figures import FRACTION_SPAN, fig_accuracy_avg, fig_entropy, fig_mtp_acceptance
+
+    groups = _figure_runs(tmp_path, 2)
+    summary = summarize([run for runs in groups.values() for run in runs])
+    figures = [fig_accuracy_avg(groups, summary), fig_entropy(groups, summary), fig_mtp_acceptance(groups, summary)]
+    for fig in figures:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ax.get_title()
+    # Train acceptance moves 0.78 -> 0.68 over six steps (0.10) and is drawn on at least FRACTION_SPAN = 0.2, in [0, 1].
+    accept = next(ax for ax in figures[2].axes if ax.get_title() == "rollout acceptance (train)")
+    lo, hi = accept.get_ylim()
+    assert hi - lo == pytest.approx(FRACTION_SPAN) and 0.0 <= lo and hi <= 1.0 and lo <= 0.68 and hi >= 0.78
+    # Entropy 1.1 -> 1.6 spans more than a fifth of its level already: left as matplotlib drew it.
+    entropy = figures[1].axes[0]
+    assert entropy.get_ylim()[1] - entropy.get_ylim()[0] > 0.5

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: the COMPLETE marker, crash mid-write, restoring optimizer / scheduler / RNG, no free pickle."""
+"""Atomic checkpoints: the COMPLETE marker, crash mid-write, restoring optimizer / scheduler / RNG, no free pickle,
+the manifest (sizes and hashes) and the choice of a checkpoint that verifies."""
 
 import pickle
 import random
@@ -7,7 +8,10 @@ import pytest
 import torch
 
 from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
-from mtprl.train.checkpoint import MARKER, latest_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import (
+    MANIFEST, MARKER, CheckpointError, checkpoint_problem, latest_checkpoint, load_trainer_state, resumable_checkpoint,
+    save_checkpoint, verify_checkpoint,
+)
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 from mtprl.train.update import build_optimizer
@@ -42,7 +46,7 @@ def test_latest_is_the_newest_complete_one(tmp_path, parts):
     (root / "step-00000003").mkdir()
     (root / ".tmp-step-00000004").mkdir()
     assert latest_checkpoint(root) == path
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         load_trainer_state(root / "step-00000003", parts[2], parts[3], Dist())
 
 
@@ -97,3 +101,49 @@ def test_optimizer_file_is_not_unpickled_freely(tmp_path, parts, monkeypatch):
     with pytest.raises(pickle.UnpicklingError):
         load_trainer_state(path, parts[2], parts[3], Dist())
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_manifest_records_every_file_with_size_and_hash(tmp_path, parts):
+    import hashlib
+    import json
+
+    path = save(tmp_path, 1, parts)
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                     if p.is_file() and p.name not in (MANIFEST, MARKER))
+    assert sorted(files) == on_disk and "model/model.safetensors" in files and "optimizer.pt" in files
+    for name, info in files.items():
+        data = (path / name).read_bytes()
+        assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert checkpoint_problem(path) is None
+
+
+def test_damage_is_named_and_the_newest_good_checkpoint_chosen(tmp_path, parts):
+    root = tmp_path / "checkpoints"
+    first, second, third = (save(root, step, parts) for step in (1, 2, 3))
+    weights = third / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only the hash sees it
+    weights.write_bytes(bytes(data))
+    (second / "optimizer.pt").unlink()
+    assert "'model/model.safetensors' does not match the hash" in checkpoint_problem(third)
+    assert checkpoint_problem(second) == "'optimizer.pt' is missing"
+    chosen, warnings = resumable_checkpoint(root)
+    assert chosen == first and len(warnings) == 2
+    assert "step-00000003' is damaged ('model/model.safetensors' does not match" in warnings[0]
+    assert "resuming from 'step-00000001' instead" in warnings[1]
+    with pytest.raises(CheckpointError, match=rf"'optimizer.pt' is missing; resume from the previous complete one "
+                                              rf"with `--resume {first}`"):
+        verify_checkpoint(second)
+    (first / "trainer_state.json").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint under .* can be resumed: step-00000003: .*; "
+                                              "step-00000002: .*; step-00000001: 'trainer_state.json' is missing"):
+        resumable_checkpoint(root)
+
+
+def test_checkpoint_without_manifest_is_checked_for_its_required_files(tmp_path, parts):
+    path = save(tmp_path, 1, parts)
+    (path / MANIFEST).unlink()  # as written before manifests existed
+    assert checkpoint_problem(path) is None
+    (path / "rng-rank0.json").unlink()
+    assert checkpoint_problem(path) == "'rng-rank0.json' is missing"

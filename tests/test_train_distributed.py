@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
 from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
 from mtprl.train.batch import TrainBatch
 from mtprl.train.config import TrainConfig
-from mtprl.train.distributed import Dist, shutdown
+from mtprl.train.distributed import Dist, launch_mismatch, shutdown
 from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +89,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_one_process_step(tmp_path):
     from safetensors.torch import load_file
 
@@ -101,6 +104,9 @@ def test_two_processes_take_the_one_process_step(tmp_path):
            "--main_process_port", str(_free_port()), __file__, str(tmp_path), str(tiny)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 says how the run was launched, and nobody warns about a mismatch.
+    assert "mtprl train: 2 processes (world size 2, process-group backend gloo), device cpu" in done.stderr
+    assert "WARNING" not in done.stderr
 
     two = load_file(tmp_path / "params.safetensors")
     one, metrics = one_update(Dist())
@@ -116,6 +122,33 @@ def test_two_processes_take_the_one_process_step(tmp_path):
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rng-rank1.json").is_file()
+
+
+def test_launch_mismatch_names_the_cause():
+    assert launch_mismatch(1, {}) is None
+    assert launch_mismatch(2, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}) is None
+    assert "WORLD_SIZE=4 but this run has 2" in launch_mismatch(2, {"WORLD_SIZE": "4"})
+    one = launch_mismatch(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "only this one process runs" in one and "--multi_gpu --num_processes N" in one
+
+
+@pytest.mark.slow
+def test_cpu_launch_that_runs_one_process_says_so(tmp_path, tiny_checkpoint):
+    """`accelerate launch --cpu --num_processes 2` starts one process; the run must say so, not just exit 0."""
+    from conftest import small_train_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(vars(small_train_config(tiny_checkpoint, tmp_path / "run", steps=1,
+                                                               exact_every=0))))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "mtprl", "train", "--config", str(cfg_file)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mtprl train: 1 process (world size 1" in done.stderr
+    assert "WARNING: the environment is set up for a multi-process launch" in done.stderr
+    assert "accelerate launch --multi_gpu --num_processes N" in done.stderr
 
 
 if __name__ == "__main__":

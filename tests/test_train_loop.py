@@ -1,8 +1,6 @@
 """`mtprl train` end to end on CPU with a tiny random model: every regime, metrics, resume after a kill.
 
-A random model never solves a problem, so the runs use DAPO's overlong shaping with a buffer of
-max_new_tokens − 1: the reward then falls with the response length, groups have mixed rewards,
-advantages are non-zero and the updates do something.
+The runs use `conftest.small_train_config` (overlong shaping gives a random model non-zero advantages).
 """
 
 import json
@@ -15,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-import torch
-
+from conftest import small_train_config as small_config
 from mtprl.config import build_config
 from mtprl.losses import MTP_REGIMES, fixed_coefficient, register_regime, surrogate_head
-from mtprl.model import build_tiny_model, build_tokenizer
 from mtprl.train import TrainConfig, train
 from mtprl.train.checkpoint import latest_checkpoint
 from mtprl.train.metrics import read_metrics
@@ -39,29 +36,12 @@ EVAL_KEYS = {"eval/add-easy/avg@2", "eval/add-easy/greedy", "eval/avg/avg@2", "e
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tok = build_tokenizer()
-    model = build_tiny_model(tok, num_mtp_layers=1, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-    model.save_pretrained(path, tokenizer=tok)
-    return path
-
-
-def small_config(model: Path, out: Path, **over) -> TrainConfig:
-    values = dict(model=str(model), steps=2, prompts_per_step=2, group_size=4, mini_batches=2, micro_batch_size=4,
-                  max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0, eval_at_start=False,
-                  eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=2, save_every=0,
-                  output_dir=str(out), progress=False, lr=1e-3)
-    values.update(over)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
 def regime_runs(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("regimes")
     return {regime: train(small_config(tiny_checkpoint, root / regime, regime=regime)) for regime in REGIMES}
 
 
+@pytest.mark.slow  # the fixture trains one run per regime
 @pytest.mark.parametrize("regime", REGIMES)
 def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     run_dir = regime_runs[regime]
@@ -87,6 +67,7 @@ def test_short_run_per_regime_logs_every_field(regime_runs, regime):
     assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000002"
 
 
+@pytest.mark.slow
 def test_every_regime_logs_the_same_train_keys(regime_runs):
     keys = {regime: set(read_metrics(d / "metrics.jsonl")[0]) for regime, d in regime_runs.items()}
     assert all(k == keys["occ"] for k in keys.values()), {r: k ^ keys["occ"] for r, k in keys.items()}
@@ -104,6 +85,7 @@ def toy_regime():
     del MTP_REGIMES["toy-sign"]
 
 
+@pytest.mark.slow  # compares with the regime runs
 def test_a_registered_regime_trains_through_mtprl_train(tiny_checkpoint, tmp_path, toy_regime, regime_runs):
     run_dir = train(small_config(tiny_checkpoint, tmp_path / "toy", regime="toy-sign"))
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
@@ -116,18 +98,21 @@ def test_a_registered_regime_trains_through_mtprl_train(tiny_checkpoint, tmp_pat
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["regime"] == "toy-sign"
 
 
+@pytest.mark.slow
 def test_every_regime_sees_the_same_first_rollout(regime_runs):
     firsts = [read_metrics(d / "metrics.jsonl")[0] for d in regime_runs.values()]
     keys = ("reward/mean", "acc", "response_len/mean", "response_len/max", "sampling/draws", "batch/reward_mean")
     assert len({tuple(r[k] for k in keys) for r in firsts}) == 1
 
 
+@pytest.mark.slow
 def test_occ_lambda_zero_first_then_nonzero(regime_runs):
     for r in read_metrics(regime_runs["occ"] / "metrics.jsonl"):
         if r["kind"] == "train":
             assert r["mtp/0/lambda_first"] == 0.0 and r["mtp/0/lambda"] != 0.0
 
 
+@pytest.mark.slow
 def test_occ_exact_logs_the_exact_slope(regime_runs):
     first = read_metrics(regime_runs["occ-exact"] / "metrics.jsonl")[0]
     # λ = (λ₀ / K) · ĉ with ĉ the exact slope of that micro-batch; the proxy is logged beside it.
@@ -139,6 +124,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_and_resume_gives_the_uninterrupted_metrics(tiny_checkpoint, tmp_path):
     over = dict(regime="occ", steps=5, save_every=1, eval_every=2, max_new_tokens=24, overlong_buffer=23)
     straight = train(small_config(tiny_checkpoint, tmp_path / "straight", **over))

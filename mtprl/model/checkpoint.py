@@ -138,7 +138,33 @@ def _read(file: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _check_checkpoint_dir(path: Path) -> None:
+def _check_safetensors_file(file: Path) -> None:
+    """A safetensors file holds a JSON header and then exactly the bytes its tensors' offsets need."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < length <= size - 8:
+                raise ValueError
+            header = json.loads(handle.read(length))
+            need = 8 + length + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                                    default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ValueError(f"weight file '{file}' is not a readable safetensors file (damaged or cut short); "
+                             "re-save or re-download the checkpoint") from None
+    if size < need:
+        raise ValueError(f"weight file '{file}' is truncated ({size:,} of {need:,} bytes); re-save or re-download "
+                         "the checkpoint")
+
+
+def check_checkpoint_dir(path: str | Path) -> None:
+    """Cheap checks that `path` is a loadable checkpoint directory: config.json, weights, whole safetensors files.
+
+    Reads only file sizes and safetensors headers (no tensors, no torch), so it runs before anything
+    expensive; raises FileNotFoundError / NotADirectoryError / ValueError naming the file.
+    """
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path '{path}' does not exist; pass a local Hugging Face model directory")
     if not path.is_dir():
@@ -148,6 +174,15 @@ def _check_checkpoint_dir(path: Path) -> None:
     if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in path.iterdir()):
         raise FileNotFoundError(f"'{path}' has a config.json but no weight files (*.safetensors); "
                                 "the download or save may be incomplete")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"'{path}' lacks the weight shard '{missing[0]}' that {index.name} names; "
+                                    "the download or save may be incomplete")
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors_file(file)
 
 
 def _load_trunk(path: Path, **kwargs):
@@ -171,7 +206,7 @@ def _mimo_as_qwen2(path: Path):
 
 def load_mtp_checkpoint(cls, path: str | Path, num_mtp_layers: int | None = None, dtype=None):
     path = Path(path)
-    _check_checkpoint_dir(path)
+    check_checkpoint_dir(path)
     base = _load_trunk(path, **({"dtype": dtype} if dtype is not None else {}))
     keys = _stored_keys(path)
     layout = layout_of(base.config, has_mimo_weights=any(k.startswith("model.mtp_layers.") for k in keys))

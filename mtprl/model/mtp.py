@@ -22,6 +22,8 @@ both x_t and x_{t-k-1} are real tokens, so the first k+1 tokens of each sequence
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -34,6 +36,18 @@ from mtprl.model.layout import HIDDEN_TOKEN, POST_NORM, PRE_NORM, MTPLayout, lay
 from mtprl.model.logprobs import chunked_target_log_probs
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(fn) -> str:
+    """The keyword `fn` takes the KV cache as: transformers 5.2x renamed `past_key_values` to `cache`
+    (the old name still works there, with a FutureWarning at every start)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    """The KV cache of a model output, under whichever name this transformers version gives it."""
+    return out.cache if "cache" in {f.name for f in dataclasses.fields(out)} else out.past_key_values
 
 
 @dataclasses.dataclass
@@ -77,9 +91,9 @@ class MTPLayer(nn.Module):
             token_embeds = token_embeds.masked_fill((position_ids == 0)[..., None], 0.0)
         h, e = self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)
         x = self.input_proj(torch.cat([h, e] if self.hidden_first else [e, h], dim=-1))  # [B, L, d]
-        out = self.block(x, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache,
-                         position_embeddings=position_embeddings)
+        out = self.block(x, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                         position_embeddings=position_embeddings,
+                         **{_cache_name(type(self.block).forward): past_key_values})
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -213,11 +227,11 @@ class MTPCausalLM(nn.Module):
     def trunk(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False):
         """Trunk states s^0 as depth 1 reads them ([B, L, d]; `logits()` turns them into the main head's) and the cache."""
         inner = self.base.get_decoder()
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": use_cache, _cache_name(type(inner).forward): past_key_values}
         if self.layout.hidden_source == POST_NORM:
             out = inner(**kwargs)
-            return out.last_hidden_state, out.past_key_values
+            return out.last_hidden_state, _output_cache(out)
         seen = []  # the final norm's input: the last decoder layer's output
 
         def grab(_module, args, kwargs):
@@ -228,7 +242,7 @@ class MTPCausalLM(nn.Module):
             out = inner(**kwargs)
         finally:
             handle.remove()
-        return seen[-1], out.past_key_values
+        return seen[-1], _output_cache(out)
 
     def head_input(self, states: torch.Tensor) -> torch.Tensor:
         """What the main output head multiplies: trunk states from `trunk()` after the final norm."""
@@ -248,7 +262,7 @@ class MTPCausalLM(nn.Module):
         embeds = self.embed(next_ids, for_mtp=True)
         inner = self.base.get_decoder()
         mask4d = create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                    past_key_values=past_key_values, position_ids=position_ids)
+                                    position_ids=position_ids, **{_cache_name(create_causal_mask): past_key_values})
         rope = inner.rotary_emb(embeds, position_ids)
         return self.mtp_layers[k](prev_hidden, embeds, attention_mask=mask4d, position_ids=position_ids,
                                   position_embeddings=rope, past_key_values=past_key_values, use_cache=use_cache)

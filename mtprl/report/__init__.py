@@ -5,11 +5,14 @@ Reads only files a run wrote (config.yaml, metrics.jsonl, summary.json); imports
   summarize(runs) -> summary dict                    the same numbers, nothing written
   format_summary_table(summary) -> str               the regime × suite table for a terminal
   load_runs(run_dirs) -> list[Run]                    read and check run directories
+The names are imported on first use, so `mtprl report --help` does not import matplotlib.
 """
 
-from mtprl.report.build import build_report
-from mtprl.report.load import ReportError, Run, load_run, load_runs
-from mtprl.report.summary import summarize
-from mtprl.report.tables import format_summary_table
+from mtprl._lazy import lazy_exports
 
+_LAZY = {"build_report": "mtprl.report.build", "ReportError": "mtprl.report.load", "Run": "mtprl.report.load",
+         "load_run": "mtprl.report.load", "load_runs": "mtprl.report.load", "summarize": "mtprl.report.summary",
+         "format_summary_table": "mtprl.report.tables"}
 __all__ = ["ReportError", "Run", "build_report", "format_summary_table", "load_run", "load_runs", "summarize"]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -22,11 +22,11 @@ from mtprl.report.summary import group_runs, summarize
 
 def _check_out_dir(out_dir: Path, runs: list[Run]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise ReportError(f"--out '{out_dir}' exists and is not a folder; choose a folder path")
+        raise ReportError(f"output folder '{out_dir}' exists and is not a folder; choose a folder path")
     target = out_dir.resolve()
     for run in runs:
         if Path(run.path).resolve() == target:
-            raise ReportError(f"--out '{out_dir}' is the run directory '{run.path}'; writing the report there "
+            raise ReportError(f"output folder '{out_dir}' is the run directory '{run.path}'; writing the report there "
                               "would overwrite its summary.json, so choose another folder")
 
 

@@ -3,6 +3,10 @@
 Every curve is the mean over a regime's seeds with a min–max band across seeds. A figure whose
 data is absent is skipped with the reason, which report.md prints; a skipped figure's file left
 over from an earlier report in the same folder is removed so it cannot be mistaken for current.
+Steps are whole numbers on every x-axis. Accuracy-like panels (fractions in [0, 1]) span at least
+0.2 and entropy at least a fifth of its level, so a change of 0.02 is drawn as the small change it
+is; rollout acceptance is drawn only for runs that drafted (`draft_tokens` > 0), as the trainer
+logs 0 for runs that did not.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mtprl.report.claims import OCC_REGIMES, proxy_pairs
 from mtprl.report.keys import AVG, eval_value, head_indices
@@ -48,7 +53,30 @@ def _draw(ax: Any, series: Series, label: str, color: str, linestyle: str = "-",
         ax.fill_between(series.steps, series.low, series.high, color=color, alpha=0.2, linewidth=0)
 
 
-def _panel(ax: Any, groups: Groups, kind: str, value: RowValue, title: str) -> bool:
+FRACTION_SPAN = 0.2  # least y-span of a panel of fractions (accuracy, acceptance, top-1)
+RELATIVE_SPAN = 0.2  # least y-span of other level-like panels (entropy), as a share of the level
+
+
+def _step_axis(ax: Any) -> None:
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _least_span(ax: Any, fraction: bool) -> None:
+    """Widen the y-axis around its data to the least span (fractions stay inside [0, 1])."""
+    lo, hi = ax.get_ylim()
+    mid = (lo + hi) / 2
+    span = FRACTION_SPAN if fraction else RELATIVE_SPAN * abs(mid)
+    if hi - lo >= span:
+        return
+    lo, hi = mid - span / 2, mid + span / 2
+    if fraction:
+        shift = max(0.0, -lo) - max(0.0, hi - 1.0)
+        lo, hi = max(0.0, lo + shift), min(1.0, hi + shift)
+    ax.set_ylim(lo, hi)
+
+
+def _panel(ax: Any, groups: Groups, kind: str, value: RowValue, title: str, fraction: bool = True) -> bool:
     """One line per regime; False when nothing was drawn."""
     drawn = False
     for regime, runs in groups.items():
@@ -57,9 +85,10 @@ def _panel(ax: Any, groups: Groups, kind: str, value: RowValue, title: str) -> b
             _draw(ax, series, regime, _color(regime, groups))
             drawn = True
     ax.set_title(title)
-    ax.set_xlabel("step")
+    _step_axis(ax)
     if drawn:
         ax.legend(fontsize="small")
+        _least_span(ax, fraction)
     return drawn
 
 
@@ -126,7 +155,7 @@ def _per_head_panels(groups: Groups, regimes: tuple[str, ...], prefix: str, name
                     _draw(ax, series, f"{regime} head {head}", _color(regime, groups), style, marker)
                     panel_drawn = True
         ax.set_title(panel_title)
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.axhline(0.0, color="black", linewidth=0.5)
         if panel_drawn:
             ax.legend(fontsize="small")
@@ -174,19 +203,28 @@ MTP_PANELS = (("train", "rollout/accept_rate", "rollout acceptance (train)"),
               ("train", "mtp/0/top1", "MTP top-1, head 0 (train)"))
 
 
+def _drafting(groups: Groups) -> Groups:
+    """The runs that drafted their rollouts (or do not say): the others log an acceptance of 0 that means nothing."""
+    chosen = {r: [run for run in runs if (run.config.get("draft_tokens") or 0) > 0 or "draft_tokens" not in run.config]
+              for r, runs in groups.items()}
+    return {r: runs for r, runs in chosen.items() if runs}
+
+
 def fig_mtp_acceptance(groups: Groups, summary: dict[str, Any]) -> Figure | str:
-    present = [p for p in MTP_PANELS if _logged(groups, p[0], p[1])]
+    panels = [(_drafting(groups) if key == "rollout/accept_rate" else groups, kind, key, title)
+              for kind, key, title in MTP_PANELS]
+    present = [p for p in panels if _logged(p[0], p[1], p[2])]
     if not present:
-        return "no run logs rollout/accept_rate, eval/mtp_accept, eval/mtp_top1 or mtp/0/top1"
+        return "no run logs rollout/accept_rate (with drafting), eval/mtp_accept, eval/mtp_top1 or mtp/0/top1"
     fig, axes = _figure(1, len(present), "MTP acceptance vs step")
-    for ax, (kind, key, title) in zip(axes[0], present):
-        _panel(ax, groups, kind, _key(key), title)
+    for ax, (chosen, kind, key, title) in zip(axes[0], present):
+        _panel(ax, chosen, kind, _key(key), title)
     return fig
 
 
 def fig_entropy(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     fig, axes = _figure(1, 1, "policy entropy vs step")
-    if not _panel(axes[0, 0], groups, "train", _key("entropy"), "entropy (train)"):
+    if not _panel(axes[0, 0], groups, "train", _key("entropy"), "entropy (train)", fraction=False):
         return "no train row carries entropy"
     return fig
 

@@ -23,12 +23,14 @@ from typing import Any
 
 import yaml
 
+from mtprl.errors import UserError
+
 ROW_KINDS = ("train", "eval")
 # Keys of an eval row kept as a run's final numbers: accuracies, their standard errors and sizes, habits.
 FINAL_PREFIXES = ("eval/", "eval_se/", "eval_n/", "habit/")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run directory or one of its files cannot be used; the message names it and the fix."""
 
 

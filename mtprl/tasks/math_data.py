@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from mtprl.errors import UserError
 
-class MathDataError(ValueError):
+
+class MathDataError(UserError, ValueError):
     """A math data file is missing, unreadable, or has a malformed row; the message says where."""
 
 
@@ -35,7 +37,13 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise MathDataError(f"{path}: reading Parquet needs pyarrow; install it (pip install pyarrow)") from None
-    for index, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's errors (ArrowInvalid, OSError, ...) are tracebacks pages long
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MathDataError(f"{path}: not a readable Parquet file ({first}); it may be truncated or not Parquet at "
+                            "all: write or copy it again") from None
+    for index, row in enumerate(table.to_pylist(), start=1):
         yield index, row
 
 

@@ -18,6 +18,7 @@ sympy returns (it does not block interpreter exit).
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections import Counter
 from pathlib import Path
@@ -35,10 +36,22 @@ Status = Literal["correct", "wrong", "no_answer", "timeout", "error"]
 Checker = Callable[[str, str], "bool | None"]
 
 
+def _not_timeout_notice(record: logging.LogRecord) -> bool:
+    return "Timeout is disabled" not in record.getMessage()
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_timeout_notice() -> None:
+    """Drop math-verify's "Timeout is disabled" notice: `call_with_timeout` is the timeout it asks for."""
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_not_timeout_notice)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> tuple:
     from math_verify import parse
 
+    _quiet_timeout_notice()
     text = gold if ("\\boxed" in gold or "$" in gold) else f"\\boxed{{{gold}}}"
     parsed = parse(text, parsing_timeout=None, raise_on_error=True)
     if not parsed:
@@ -53,6 +66,7 @@ def math_verify_check(gold: str, completion: str) -> bool | None:
     """
     from math_verify import parse, verify
 
+    _quiet_timeout_notice()
     predicted = parse(completion, parsing_timeout=None, raise_on_error=True)
     if not predicted:
         return None

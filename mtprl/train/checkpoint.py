@@ -5,29 +5,54 @@ Layout of one checkpoint:
     optimizer.pt         AdamW state, read back with `torch.load(weights_only=True)` (no free pickle)
     trainer_state.json   step, data position, elapsed time, scheduler state, world size, config
     rng-rank{r}.json     python / torch / CUDA RNG states of worker r
+    MANIFEST.json        every other file's relative path, size and SHA-256, written after them
     COMPLETE             written last
-Writing: everything goes to a hidden `.tmp-step-XXXXXXXX/` directory, every file is fsync'd, the
-directory is renamed to its final name, and only then `COMPLETE` is written (and fsync'd). A crash
-at any point leaves either no directory under the final name or one without `COMPLETE`; such
-directories (and stale temporary ones) are ignored when looking for the latest checkpoint.
+Writing: everything goes to a hidden `.tmp-step-XXXXXXXX/` directory, the manifest records it,
+every file is fsync'd, the directory is renamed to its final name, and only then `COMPLETE` is
+written (and fsync'd). A crash at any point leaves either no directory under the final name or
+one without `COMPLETE`; such directories (and stale temporary ones) are ignored when looking for
+the latest checkpoint.
+
+Reading: `verify_checkpoint` checks a checkpoint against its manifest (every file present, with
+its size and hash) before anything is loaded from it, so a file damaged after the save (a
+truncated `model.safetensors`, a deleted `optimizer.pt`) is named instead of surfacing as a raw
+loader error; `resumable_checkpoint` picks the newest checkpoint that verifies and says which
+newer ones it skipped and why. Checkpoints written before manifests existed are checked for
+their required files only.
+
+Hook for other writers (sharded checkpoints): the manifest lists whatever files sit under the
+temporary directory when rank 0 calls `write_manifest(tmp)`, after the barrier that follows every
+rank's writes; a sharded save (e.g. torch.distributed.checkpoint files written by each rank into
+`tmp`) is covered and verified without further changes, as long as it writes there before that
+barrier.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtprl.config import ConfigError
 from mtprl.train.distributed import Dist
 
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 _NAME = re.compile(r"^step-(\d{8})$")
+# Files a checkpoint must hold whatever else it holds (checked for checkpoints without a manifest).
+_REQUIRED = ("trainer_state.json", "optimizer.pt", "rng-rank0.json", "model/config.json")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is incomplete or damaged; the message names the file and what to resume from instead."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,6 +120,90 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hashes(root: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of each file, several at a time (hashlib releases the GIL: the disk is the limit)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: _sha256(root / name), names)))
+
+
+def write_manifest(directory: Path) -> dict[str, Any]:
+    """Record every file under `directory` (but the manifest and marker) with its size and SHA-256."""
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if p.is_file() and p.name not in (MANIFEST, MARKER))
+    hashes = _hashes(directory, names)
+    manifest = {"format": 1, "files": {n: {"size": (directory / n).stat().st_size, "sha256": hashes[n]}
+                                       for n in names}}
+    _write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` (the first damaged or missing file), or None when it verifies."""
+    if not (path / MARKER).is_file():
+        return f"it is incomplete (no {MARKER} marker: it was being written when the run stopped)"
+    if not (path / MANIFEST).is_file():  # written before manifests existed: the required files at least
+        missing = [name for name in _REQUIRED if not (path / name).is_file()]
+        return f"'{missing[0]}' is missing" if missing else None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"'{name}' is missing"
+        size = file.stat().st_size
+        if size != info["size"]:
+            return f"'{name}' has {size:,} bytes where {info['size']:,} were written (truncated or replaced)"
+    for name, digest in _hashes(path, list(files)).items():
+        if digest != files[name]["sha256"]:
+            return f"'{name}' does not match the hash recorded when it was written (the file is damaged)"
+    return None
+
+
+def _resume_hint(candidates: list[tuple[int, Path]], bad: Path) -> str:
+    good = [p for _, p in reversed(candidates) if p != bad and checkpoint_problem(p) is None]
+    if good:
+        return f"resume from the previous complete one with `--resume {good[0]}`"
+    return "no other complete checkpoint verifies; start over with --overwrite or use another --output-dir"
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming the damaged file (and the `--resume` to use instead) unless `path` verifies."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        hint = _resume_hint(complete_checkpoints(path.parent), path)
+        raise CheckpointError(f"checkpoint '{path}' cannot be resumed: {problem}; {hint}")
+
+
+def resumable_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint under `root` that verifies, warnings naming each newer one skipped and why).
+
+    (None, []) when there is no complete checkpoint at all; CheckpointError when there are some but
+    none verifies.
+    """
+    found = complete_checkpoints(root)
+    skipped = []
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, [f"checkpoint '{p}' is damaged ({why}); resuming from '{path.name}' instead"
+                          for p, why in skipped]
+        skipped.append((path, problem))
+    if skipped:
+        raise CheckpointError("no checkpoint under '{}' can be resumed: {}; start over with --overwrite or use another "
+                              "--output-dir".format(root, "; ".join(f"{p.name}: {why}" for p, why in skipped)))
+    return None, []
+
+
 def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict[str, Any],
                     dist: Dist, keep: int = 0) -> Path | None:
     """Write checkpoint `step` atomically (collective: every worker calls it); returns its path on rank 0.
@@ -114,6 +223,7 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         full_state = {**state, "scheduler": scheduler.state_dict(), "world_size": dist.world}
         _write_json(tmp / "trainer_state.json", full_state)
+        write_manifest(tmp)  # every file now under tmp, from every rank (the barrier above): see the docstring
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of this step from before a resume to an earlier one
             shutil.rmtree(final)
@@ -132,11 +242,12 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
 def load_trainer_state(path: Path, optimizer, scheduler, dist: Dist) -> dict[str, Any]:
     """Restore optimizer, scheduler and this worker's RNG states from checkpoint `path`; return the state.
 
-    The model weights are read separately (`MTPCausalLM.from_pretrained(path / "model")`).
+    The model weights are read separately (`MTPCausalLM.from_pretrained(path / "model")`); call
+    `verify_checkpoint(path)` before either.
     """
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): it was being written "
-                                "when the run stopped; resume from an earlier one or with resume: auto")
+        raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): it was being written "
+                              "when the run stopped; resume from an earlier one or with resume: auto")
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size", 1) != dist.world:
         rank_file = path / "rng-rank0.json"

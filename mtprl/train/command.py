@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from mtprl.config import ConfigError, add_config_arguments, load_config
+from mtprl.config import add_config_arguments, load_config
 from mtprl.train.config import TrainConfig
 
 
@@ -18,10 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(TrainConfig, args)
-    except ConfigError as err:
-        raise SystemExit(f"mtprl train: {err}") from None
+    cfg = load_config(TrainConfig, args)  # a ConfigError is printed as one line by mtprl.cli
     from mtprl.train.distributed import shutdown
     from mtprl.train.loop import train
 

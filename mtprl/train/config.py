@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 from mtprl.config import ConfigError, build_config, config_to_dict, opt, require
-from mtprl.losses import DUAL_CLIP, MTP_REGIMES
+
+# The regimes built into mtprl.losses and its default dual-clip constant, written out so that this
+# module imports no torch (`mtprl train --help` answers at once); tests/test_train_config.py checks
+# them against mtprl.losses. Validation looks names up in the registry itself (MTP_REGIMES).
+BUILT_IN_REGIMES = ("frozen", "detach", "detach-mtp-only", "ce", "policy", "occ", "occ-exact")
+DEFAULT_DUAL_CLIP = 10.0
 
 TINY_DEFAULT = "tiny-default"
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -39,8 +44,8 @@ class TrainConfig:
     max_prompt_tokens: int = opt(512, "longer prompts keep their last this many tokens")
 
     # ----- MTP regime ----------------------------------------------------------------------------
-    regime: str = opt("occ", "how the MTP heads train during RL, a regime of mtprl.losses.MTP_REGIMES: "
-                             + ", ".join(MTP_REGIMES))
+    regime: str = opt("occ", "how the MTP heads train during RL: a regime of mtprl.losses.MTP_REGIMES; built in: "
+                             + ", ".join(BUILT_IN_REGIMES))
     mtp_coef: float = opt(0.1, "λ₀, the base MTP loss coefficient (split over the K heads; OCC scales it by ĉ)")
     occ_estimator: Literal["mean-ratio", "ratio-of-sums"] = opt("mean-ratio", "OCC proxy: the paper's mean of "
                                                                 "per-token ratios, or the least-squares slope")
@@ -66,7 +71,7 @@ class TrainConfig:
     # ----- policy loss ----------------------------------------------------------------------------
     clip_low: float = opt(0.2, "lower clip ε_low: ratios below 1 − ε_low stop the gradient when A < 0")
     clip_high: float = opt(0.28, "upper clip ε_high (DAPO clip-higher): ratios above 1 + ε_high stop it when A > 0")
-    dual_clip: float | None = opt(DUAL_CLIP, "dual-clip constant c > 1 for A < 0, main and MTP surrogate (10: the "
+    dual_clip: float | None = opt(DEFAULT_DUAL_CLIP, "dual-clip constant c > 1 for A < 0, main and MTP surrogate (10: the "
                                              "paper's script); null: off")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
         "token-mean", "how per-token losses are reduced (token-mean: DAPO)")
@@ -137,6 +142,8 @@ class TrainConfig:
                 f"{self.prompts_per_step} × {self.group_size} = {batch}; choose a divisor of {batch}")
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        from mtprl.losses import MTP_REGIMES
+
         require(self.regime in MTP_REGIMES, f"regime must be one of {', '.join(MTP_REGIMES)} (the registered "
                                             f"regimes); got {self.regime!r}")
         if self.num_mtp_layers is not None:
@@ -198,6 +205,24 @@ class TrainConfig:
             require(name in TASKS, f"unknown task family '{name}' in families; known: {', '.join(sorted(TASKS))}")
         for name in self.eval_suites:
             require(name in SUITES, f"unknown suite '{name}' in eval_suites; known: {', '.join(SUITES)}")
+
+
+# Settings that do not change a run's result (its metrics, apart from timings, and its weights): a run
+# may be resumed, or re-used by `mtprl compare`, with other values of these. Every other field counts.
+NOT_RESULT_AFFECTING = frozenset({"resume", "progress", "overwrite", "output_dir", "log_with", "project",
+                                  "save_every", "keep_checkpoints"})
+
+
+def result_differences(recorded: dict, cfg: TrainConfig) -> list[str]:
+    """'field: recorded there, now here' for every result-affecting field where `cfg` differs from `recorded`.
+
+    `recorded` is a config as a run wrote it (config.yaml, or a checkpoint's trainer state); a field
+    it lacks (written before the field existed) counts as that field's default.
+    """
+    defaults = config_to_dict(TrainConfig())
+    wanted = config_to_dict(cfg)
+    return [f"{k}: {recorded.get(k, defaults[k])!r} there, {v!r} now" for k, v in wanted.items()
+            if k not in NOT_RESULT_AFFECTING and recorded.get(k, defaults[k]) != v]
 
 
 def checked(cfg: TrainConfig) -> TrainConfig:

@@ -14,6 +14,8 @@ torchrun-style environment); with one process every collective is a no-op. Shard
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
@@ -41,6 +43,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch_dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def share(self, n: int, rank: int | None = None) -> slice:
         """The contiguous rows of `n` that worker `rank` (default: this one) handles; sizes differ by <= 1."""
@@ -114,3 +124,31 @@ def shutdown(wait: bool = True) -> None:
         if wait:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def describe_launch(dist: Dist) -> str:
+    """One line: processes, backend, device and CPU threads, as this run really has them."""
+    backend = torch_dist.get_backend() if torch_dist.is_available() and torch_dist.is_initialized() else "none"
+    processes = "1 process" if dist.world == 1 else f"{dist.world} processes"
+    return (f"{processes} (world size {dist.world}, process-group backend {backend}), device {dist.device}, "
+            f"{torch.get_num_threads()} torch thread(s) per process")
+
+
+def launch_mismatch(world: int, env: dict[str, str] | None = None) -> str | None:
+    """Why the launch environment asked for other than `world` processes, or None when it did not.
+
+    `accelerate launch --num_processes N --cpu` (without --multi_gpu) starts one plain process with
+    MASTER_ADDR/MASTER_PORT set and no WORLD_SIZE; a launcher that sets WORLD_SIZE=N while the group
+    has another size is a mismatch too.
+    """
+    env = dict(os.environ) if env is None else env
+    asked = env.get("WORLD_SIZE")
+    if asked is not None and asked.isdigit() and int(asked) != world:
+        return (f"the launcher set WORLD_SIZE={asked} but this run has {world} process(es); check the launch "
+                "command and the accelerate config")
+    if world == 1 and asked is None and ("MASTER_ADDR" in env or "MASTER_PORT" in env):
+        return ("the environment is set up for a multi-process launch (MASTER_ADDR/MASTER_PORT are set) but only "
+                "this one process runs: `accelerate launch --cpu --num_processes N` starts a single process. For N "
+                "CPU processes use `accelerate launch --multi_gpu --num_processes N -m mtprl train ...` (each joins "
+                "a gloo group on a machine without GPUs)")
+    return None

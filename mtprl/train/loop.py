@@ -7,27 +7,36 @@ regime's MTP term. Every step logs one `train` record; every `eval_every` steps 
 `eval` record; every `save_every` steps and at the end an atomic checkpoint. Same config and seed,
 same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not.
 
-Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/step-XXXXXXXX/.
+Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/step-XXXXXXXX/, and `.lock`
+while a process writes it.
+
+Start-up goes from cheap to expensive, and writes nothing before the model is built: config →
+model directory and data (every row) → launch (printed: processes, backend, device, threads) →
+run-directory lock and state, checkpoint verification and settings (`rundir.plan_start`) →
+pre-training of the embedded base if it is not cached → model, optimizer and trainer state →
+only then the first write (`rundir.commit_start`: an `--overwrite` replaces the old run here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mtprl.config import ConfigError, config_to_dict, save_config
+from mtprl.config import ConfigError, config_to_dict
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
-from mtprl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.model.checkpoint import check_checkpoint_dir
+from mtprl.train.checkpoint import load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
-from mtprl.train.distributed import Dist
+from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
 from mtprl.train.evaluate import evaluate, write_problem_results
-from mtprl.train.metrics import MetricsLog, Progress, truncate_after
+from mtprl.train.metrics import MetricsLog, Progress
+from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
 from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
@@ -58,18 +67,6 @@ def _accelerator(cfg: TrainConfig, run_dir: Path):
     return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir))
 
 
-def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (refusing to clobber an existing run)."""
-    if cfg.resume == "auto":
-        return latest_checkpoint(run_dir / "checkpoints")
-    if cfg.resume != "none":
-        return Path(cfg.resume)
-    if (run_dir / "metrics.jsonl").exists() and not cfg.overwrite:
-        raise ConfigError(f"run directory '{run_dir}' already holds a run (metrics.jsonl); pass --resume to continue "
-                          "it, --overwrite to replace it, or another --output-dir")
-    return None
-
-
 def _check_world(cfg: TrainConfig, world: int) -> None:
     """Every worker needs at least one prompt, one eval problem and one row of every mini-batch."""
     rows = cfg.prompts_per_step * cfg.group_size // cfg.mini_batches
@@ -80,19 +77,25 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
                               "it or launch fewer processes")
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, dist: Dist) -> None:
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            for name in ("metrics.jsonl", "summary.json"):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run_dir / "evals", ignore_errors=True)
-        else:
-            step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-            truncate_after(run_dir / "metrics.jsonl", step)
-        save_config(cfg, run_dir / "config.yaml")
-    dist.barrier()
+def check_inputs(cfg: TrainConfig) -> tuple[ProblemStream, RewardFn, dict]:
+    """The cheap checks of everything a run reads, before anything expensive: the model directory (config,
+    weight files whole) and the data (every row read and checked); returns the problems."""
+    if cfg.model != TINY_DEFAULT:
+        try:
+            check_checkpoint_dir(cfg.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
+    return build_problems(cfg)
+
+
+def _announce(dist: Dist, run_dir: Path) -> None:
+    """Say how the run was really launched (and loudly when the environment asked for something else)."""
+    if not dist.is_main:
+        return
+    print(f"mtprl train: {describe_launch(dist)}; run directory {run_dir}", file=sys.stderr, flush=True)
+    mismatch = launch_mismatch(dist.world)
+    if mismatch:
+        print(f"mtprl train: WARNING: {mismatch}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -141,28 +144,47 @@ class Run:
                         keep=self.cfg.keep_checkpoints)
 
 
-def _start(cfg: TrainConfig) -> tuple[Run, int]:
-    """Build (or restore) the run; returns it and the number of steps already done."""
+def _plan(cfg: TrainConfig, run_dir: Path, dist: Dist, lock: RunLock) -> StartPlan:
+    """Rank 0 locks the run directory and decides how the run starts; every rank gets the plan."""
+    plan = None
+    if dist.is_main:
+        lock.acquire()
+        notes = [] if lock.stale is None else [f"the lock of pid {lock.stale.get('pid')} (which ended without "
+                                               "releasing it) was taken over"]
+        plan = plan_start(cfg, run_dir)
+        print_notes(notes + plan.notes)
+    return dist.broadcast_object(plan)
+
+
+def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
+    """Check, lock, build (or restore) the run; returns it and the number of steps already done.
+
+    Order: cheap checks (inputs, launch, run directory, checkpoint) → pre-training of the base if
+    needed and model loading → the first write to the run directory (`commit_start`).
+    """
     run_dir = Path(cfg.output_dir)
-    resume_from = _resume_point(cfg, run_dir)
+    stream, reward_fn, suites = check_inputs(cfg)
     accelerator = _accelerator(cfg, run_dir)
     dist = Dist(accelerator)
+    _announce(dist, run_dir)
     _check_world(cfg, dist.world)
-    _prepare_run_dir(cfg, run_dir, resume_from, dist)
-    torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
+    plan = _plan(cfg, run_dir, dist, lock)
     base = base_model_path(cfg)
-    model, tokenizer = load_model(resume_from / "model" if resume_from else base, cfg, dist.device)
+    torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
+    model, tokenizer = load_model(plan.resume_from / "model" if plan.resume_from else base, cfg, dist.device)
     apply_regime(model, cfg.regime)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, cfg)
-    stream, reward_fn, suites = build_problems(cfg)
     done, elapsed = 0, 0.0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from, optimizer, scheduler, dist)
+    if plan.resume_from is not None:
+        state = load_trainer_state(plan.resume_from, optimizer, scheduler, dist)
         done, elapsed = int(state["step"]), float(state["elapsed"])
         stream.seek(int(state["data_position"]))
+    if dist.is_main:
+        commit_start(cfg, run_dir, plan)
+    dist.barrier()
     if cfg.log_with != "none":
         accelerator.init_trackers(cfg.project, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                        for k, v in config_to_dict(cfg).items()})
@@ -175,29 +197,42 @@ def _start(cfg: TrainConfig) -> tuple[Run, int]:
 def train(cfg: TrainConfig) -> Path:
     """Run `mtprl train` in-process and return the run directory (see the module docstring)."""
     cfg = checked(cfg)
-    run, done = _start(cfg)
+    lock = RunLock(Path(cfg.output_dir))
+    try:
+        run, done = _start(cfg, lock)
+        _loop(run, done)
+    finally:
+        lock.release()
+    return run.run_dir
+
+
+def _loop(run: Run, done: int) -> None:
+    cfg = run.cfg
     if done >= cfg.steps and (run.run_dir / "summary.json").exists():
         run.log.close()
-        return run.run_dir  # resumed a finished run: nothing left to do
+        return  # resumed a finished run: nothing left to do
     progress = Progress(cfg.steps, done, cfg.progress and run.dist.is_main)
     last_eval = None
     try:
         if done == 0 and cfg.eval_at_start and run.suites:
-            run.evaluate(0)
+            with progress.phase("eval step 0"):
+                run.evaluate(0)
         for step in range(done + 1, cfg.steps + 1):
             progress.update(run.step(step))
             if run.suites and cfg.eval_every > 0 and step % cfg.eval_every == 0:
-                last_eval = (step, run.evaluate(step))
+                with progress.phase(f"eval step {step}"):
+                    last_eval = (step, run.evaluate(step))
             if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
                 run.save(step)
         if run.suites and (last_eval is None or last_eval[0] != cfg.steps):
-            last_eval = (cfg.steps, run.evaluate(cfg.steps))
+            with progress.phase(f"eval step {cfg.steps}"):
+                last_eval = (cfg.steps, run.evaluate(cfg.steps))
         if run.dist.is_main:
             summary = {"regime": cfg.regime, "seed": cfg.seed, "steps": cfg.steps, "wall_time": run.now(),
+                       "world_size": run.dist.world,
                        "eval": {k: v for k, v in (last_eval[1] if last_eval else {}).items()
                                 if k not in ("kind", "step", "time")}}
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     finally:
         progress.close()
         run.log.close()
-    return run.run_dir

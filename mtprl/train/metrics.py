@@ -8,6 +8,7 @@ are not repeated. Only the main process writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,6 +86,17 @@ class Progress:
         shown = {"reward": values.get("reward/mean"), "acc": values.get("acc"), "λ": values.get("mtp/0/lambda")}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
         self.bar.update(1)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Show `name` (say "eval step 0") instead of "train" while the block runs."""
+        if self.bar is not None:
+            self.bar.set_description(name)
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.set_description("train")
 
     def close(self) -> None:
         if self.bar is not None:

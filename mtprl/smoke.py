@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
-import torch
+from mtprl.config import add_config_arguments, load_config, opt, require
 
-from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
+
+@dataclasses.dataclass
+class SmokeConfig:
+    """Build the tiny default MTP model, score a few texts with every head, save and reload it."""
+
+    mtp_layers: int = opt(1, "number of MTP layers")
+    seed: int = opt(0, "initialisation seed")
+
+    def validate(self) -> None:
+        require(self.mtp_layers >= 1, f"mtp_layers must be >= 1, got {self.mtp_layers}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mtp-layers", type=int, default=1, help="number of MTP layers (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    add_config_arguments(parser, SmokeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = load_config(SmokeConfig, args)
+    import torch
+
+    from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
+
     start = time.perf_counter()
     tok = build_tokenizer()
-    model = build_tiny_model(tok, num_mtp_layers=args.mtp_layers, seed=args.seed).eval()
+    model = build_tiny_model(tok, num_mtp_layers=cfg.mtp_layers, seed=cfg.seed).eval()
     n_shared = sum(p.numel() for p in model.shared_parameters())
     n_mtp = sum(p.numel() for p in model.mtp_parameters())
     enc = tok(["12+34 = 46", "7*8 = 56\n#### 56"], padding=True, return_tensors="pt")
