@@ -86,17 +86,33 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[int, int]:
-    """Runs on the vLLM worker: trunk weights into the target model, `model.mtp_layers.*` into the drafter."""
+    """Runs on the vLLM worker: trunk weights into the target model, `model.mtp_layers.*` into the drafter.
+
+    Through vLLM's in-place reload (`model_loader.reload`): a plain `load_weights` fails once the
+    weights were processed for the kernels (the CPU backend repacks every linear weight and drops
+    the original parameter); the reload restores each layer's checkpoint-format parameters, loads
+    them, re-runs the processing and copies the result into the original storage, so tensors the
+    drafter shares with the target (embedding, output head) stay shared. Layers given no weight
+    keep their current ones.
+    """
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
     runner = worker.model_runner
     trunk = [(n, t) for n, t in weights if ".mtp_layers." not in n]
     mtp = [(n, t) for n, t in weights if ".mtp_layers." in n]
-    if trunk:
-        runner.model.load_weights(iter(trunk))
-    if mtp:
-        drafter = getattr(runner, "drafter", None)
-        if drafter is None:
-            raise RuntimeError("MTP weights were pushed but this vLLM engine has no drafter (draft_tokens = 0)")
-        drafter.model.load_weights(iter(mtp))
+    if mtp and getattr(runner, "drafter", None) is None:
+        raise RuntimeError("MTP weights were pushed but this vLLM engine has no drafter (draft_tokens = 0)")
+    for module, part in ((runner.model, trunk), (getattr(getattr(runner, "drafter", None), "model", None), mtp)):
+        if part:
+            reload_weights(runner.vllm_config, module, weights_iterator=iter(part), weights_path=None,
+                           is_checkpoint_format=True)
+    head = getattr(runner.model, "lm_head", None)
+    if trunk and head is not None and getattr(runner.model.config, "tie_word_embeddings", False):
+        # A tied head gets no weight of its own, so the reload leaves it unprocessed; on CPU its
+        # processing packed a copy of the old embedding for the logits GEMM: pack the new one.
+        heads = [head, getattr(getattr(getattr(runner, "drafter", None), "model", None), "lm_head", None)]
+        for h in {id(h): h for h in heads if h is not None}.values():
+            h.quant_method.process_weights_after_loading(h)
     return len(trunk), len(mtp)
 
 
