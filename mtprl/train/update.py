@@ -158,6 +158,12 @@ def minibatch_update(model, optimizer, scheduler, batch: TrainBatch, rows: Tenso
     return {**metrics, **_step(model, optimizer, scheduler, cfg, dist)}
 
 
+def update_plan(n: int, cfg, step: int) -> list[tuple[Tensor, bool]]:
+    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches."""
+    plan = [rows for epoch in range(cfg.epochs) for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch)]
+    return [(rows, i == len(plan) - 1) for i, rows in enumerate(plan)]
+
+
 def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: int, dist: Dist,
                    exact: bool = False) -> dict[str, float]:
     """All updates of one rollout batch (old log-probs set); metrics averaged over its mini-batches.
@@ -167,13 +173,11 @@ def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: in
     micro-batch (`exact/{k}/...`) and held-out on the whole batch split by prompt group (`heldout/...`).
     """
     per_minibatch, exact_metrics = [], {}
-    for epoch in range(cfg.epochs):
-        layout = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, epoch)
-        for j, rows in enumerate(layout):
-            if exact and epoch == cfg.epochs - 1 and j == len(layout) - 1:
-                exact_metrics = {**exact_terms(model, batch, rows, cfg, dist),
-                                 **heldout_terms(model, optimizer, batch, cfg, step, dist)}
-            per_minibatch.append(minibatch_update(model, optimizer, scheduler, batch, rows, cfg, dist))
+    for rows, last in update_plan(batch.size, cfg, step):
+        if exact and last:
+            exact_metrics = {**exact_terms(model, batch, rows, cfg, dist),
+                             **heldout_terms(model, optimizer, batch, cfg, step, dist)}
+        per_minibatch.append(minibatch_update(model, optimizer, scheduler, batch, rows, cfg, dist))
     keys = per_minibatch[0].keys()
     out = {k: sum(m[k] for m in per_minibatch) / len(per_minibatch) for k in keys}
     out["lr"] = per_minibatch[-1]["lr"]
