@@ -1,6 +1,6 @@
 """One RL step of `mtprl train` against TRL's `GRPOTrainer`, side by side in one process, interleaved.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_trl.py [--rounds 6 --trl grpo|mtp|none --no-before]
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_trl.py [--rounds 6 --trl grpo|mtp|none --no-before --reuse]
 
 Same model (the shipped pre-trained tiny default, float32, one torch thread), same batch: 16
 prompts x 8 samples of the default task families, <= 96 new tokens at T = 1, 4 optimiser steps
@@ -10,6 +10,8 @@ no dynamic sampling, old log-probs recomputed by each. Variants:
   occ, exact-gradient diagnostics off as TRL has none), with the lean decode step (the default);
 - `mtprl (before)`: the same with `mtprl.rollout.lean.ENABLED = False` (decoding through the
   transformers forward, today's path before the lean step); its losses must equal `mtprl`'s;
+- `mtprl (reuse lp)` (with --reuse): the option `reuse_rollout_log_probs` (old log-probs from the
+  sampler, no separate forward; an approximation, off by default);
 - `trl`: TRL's `GRPOTrainer` on the plain Qwen2 base (`loss_type="dapo"`, i.e. token-mean),
   `per_device_train_batch_size=16`, `gradient_accumulation_steps=2`, `steps_per_generation=8`;
 - `trl+mtp`: our `MTPGRPOTrainer` (occ) with the same arguments.
@@ -215,6 +217,8 @@ def main() -> None:
     ap.add_argument("--trl", choices=["grpo", "mtp", "none"], default="grpo",
                     help="TRL trainer: plain GRPOTrainer, our MTPGRPOTrainer (occ), or none (mtprl variants only)")
     ap.add_argument("--no-before", action="store_true", help="skip the mtprl variant without the lean decode step")
+    ap.add_argument("--reuse", action="store_true", help="add an mtprl variant with the reuse_rollout_log_probs "
+                                                         "option (an approximation, off by default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -233,6 +237,9 @@ def main() -> None:
     variants = [MtprlVariant("mtprl", True, model, tokenizer, cfg, clock)]
     if not args.no_before:
         variants.append(MtprlVariant("mtprl (before)", False, model, tokenizer, cfg, clock))
+    if args.reuse:
+        variants.append(MtprlVariant("mtprl (reuse lp)", True, model, tokenizer,
+                                     dataclasses.replace(cfg, reuse_rollout_log_probs=True), clock))
     names = [v.name for v in variants]
     with tempfile.TemporaryDirectory() as tmp:
         if args.trl != "none":
