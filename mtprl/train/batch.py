@@ -61,6 +61,7 @@ class TrainBatch:
     head_mask: Tensor  # [K, N, R] bool, response tokens MTP head k scores
     old_log_probs: Tensor | None = None  # [N, R] float32, main head at θ_old
     ref_log_probs: Tensor | None = None  # [N, R] float32, frozen reference (KL loss only)
+    rollout_log_probs: Tensor | None = None  # [N, R] float32, the sampler's log-probs (0 outside the response)
 
     @classmethod
     def build(cls, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, advantages: Tensor,
@@ -92,7 +93,7 @@ class TrainBatch:
             input_ids=self.input_ids[rows][:, cols], attention_mask=attn[:, cols], response_mask=resp[:, :width],
             advantages=self.advantages[rows], loss_mask=pick(self.loss_mask),
             head_mask=self.head_mask[:, rows][:, :, :width], old_log_probs=pick(self.old_log_probs),
-            ref_log_probs=pick(self.ref_log_probs),
+            ref_log_probs=pick(self.ref_log_probs), rollout_log_probs=pick(self.rollout_log_probs),
         )
 
 

@@ -48,10 +48,16 @@ def build_optimizer(model, cfg):
 
 
 def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
-    """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout."""
+    """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
+    (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
     layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
               for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
-    batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
+    if getattr(cfg, "reuse_rollout_log_probs", False):
+        if batch.rollout_log_probs is None:
+            raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
+        batch.old_log_probs = torch.where(batch.loss_mask, batch.rollout_log_probs, 0.0)
+    else:
+        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
     if ref_model is not None:
         batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
 
