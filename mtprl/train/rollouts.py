@@ -61,23 +61,36 @@ def sampling_params(cfg, n: int, temperature: float) -> SamplingParams:
                           top_k=cfg.top_k, n=n, draft_tokens=cfg.draft_tokens)
 
 
-def generate_shared(model, tokenizer, prompts: list[list[int]], params: SamplingParams, seed: int, dist: Dist):
-    """This worker's share of `prompts` sampled (rollout engine), decoded; returns (rollout, texts, share)."""
+def generate_shared(model, tokenizer, prompts: list[list[int]], params: SamplingParams, seed: int, dist: Dist,
+                    engine=None):
+    """This worker's share of `prompts` sampled (our engine, or `engine`: a `VLLMEngine`), decoded;
+    returns (rollout, texts, share)."""
     share = dist.share(len(prompts))
     local = prompts[share]
-    generator = torch.Generator(device=model.device).manual_seed(derive_seed(seed, dist.rank))
-    model.eval()
-    rollout = generate(model, local, params, eos_token_id=tokenizer.eos_token_id, generator=generator)
+    if engine is not None:
+        rollout = engine.generate(local, params, tokenizer.eos_token_id, seed=derive_seed(seed, dist.rank))
+        rollout = _to_device(rollout, model.device)
+    else:
+        generator = torch.Generator(device=model.device).manual_seed(derive_seed(seed, dist.rank))
+        model.eval()
+        rollout = generate(model, local, params, eos_token_id=tokenizer.eos_token_id, generator=generator)
     texts = [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
              for ids, n in zip(rollout.response_ids, rollout.lengths.tolist())]
     return rollout, texts, share
 
 
-def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int, dist: Dist) -> Draw:
+def _to_device(rollout, device):
+    return dataclasses.replace(rollout, **{f.name: getattr(rollout, f.name).to(device)
+                                           for f in dataclasses.fields(rollout)
+                                           if isinstance(getattr(rollout, f.name), Tensor)})
+
+
+def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int, dist: Dist, engine=None) -> Draw:
     """Sample, score and gather one draw of `problems` (group_size responses each)."""
     prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
     rollout, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, cfg.group_size,
-                                                                                      cfg.temperature), seed, dist)
+                                                                                      cfg.temperature), seed, dist,
+                                            engine)
     local_problems = [problems[share][int(i)] for i in rollout.prompt_index]
     raw = torch.tensor([reward_fn(p, t) for p, t in zip(local_problems, texts)], dtype=torch.float32)
     lengths = rollout.lengths.cpu()
@@ -134,13 +147,14 @@ def select_groups(draw_rewards: list[Tensor], group_size: int, wanted: int, dyna
 
 
 def collect_batch(model, tokenizer, stream: ProblemStream, reward_fn: RewardFn, cfg, step: int,
-                  dist: Dist) -> tuple[TrainBatch, dict[str, float]]:
-    """The rollout batch of training step `step` (advantages set, log-probs not yet) and its metrics."""
+                  dist: Dist, engine=None) -> tuple[TrainBatch, dict[str, float]]:
+    """The rollout batch of training step `step` (advantages set, log-probs not yet) and its metrics;
+    sampled by `engine` (a `VLLMEngine`) when given, else by our engine."""
     n, draws = cfg.group_size, []
     for d in range(cfg.max_draws if cfg.dynamic_sampling else 1):
         problems = stream.take(cfg.prompts_per_step)
         seed = derive_seed("rollout", cfg.seed, step, d)
-        draws.append(sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist))
+        draws.append(sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist, engine))
         if sum(sum(mixed_groups(x.rewards, n)) for x in draws) >= cfg.prompts_per_step:
             break
     chosen = select_groups([x.rewards for x in draws], n, cfg.prompts_per_step, cfg.dynamic_sampling)

@@ -1,5 +1,8 @@
 """The vLLM tests: run with the vLLM environment (`make test-vllm`, part of `make test`), skipped elsewhere.
 
+(The folder is not called `vllm`: pytest puts tests/ on sys.path, and a `tests/vllm` folder would then
+import as a namespace package `vllm`, fooling every "is vLLM installed?" check, trl's included.)
+
 One engine per session (start-up takes seconds) serves the export of the shipped pre-trained base,
 with MTP drafting of one token; the tests that change its weights restore them.
 """
