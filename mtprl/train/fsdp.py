@@ -147,12 +147,23 @@ def iter_full_state(model) -> Iterator[tuple[str, Tensor]]:
             yield name, full(buffer.detach())
 
 
+_OWN_GROUP = []  # the one-process group ensure_process_group formed, if it did
+
+
 def ensure_process_group(device: torch.device) -> None:
     """A one-process group when no launcher formed one (FSDP2 needs a mesh even for one shard)."""
     if torch_dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+    _OWN_GROUP.append(True)
+
+
+def release_process_group() -> None:
+    """Destroy the group `ensure_process_group` formed (a launcher's own group is left alone)."""
+    if _OWN_GROUP and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    _OWN_GROUP.clear()
 
 
 def check_sharded_run(cfg, world: int, device: torch.device) -> str | None:

@@ -35,7 +35,7 @@ from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
 from mtprl.train.evaluate import evaluate, write_problem_results
-from mtprl.train.fsdp import check_sharded_run, ensure_process_group, gathered, shard_model
+from mtprl.train.fsdp import check_sharded_run, ensure_process_group, gathered, release_process_group, shard_model
 from mtprl.train.metrics import MetricsLog, Progress
 from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
@@ -224,6 +224,7 @@ def train(cfg: TrainConfig) -> Path:
         _loop(run, done)
     finally:
         lock.release()
+        release_process_group()
     return run.run_dir
 
 
