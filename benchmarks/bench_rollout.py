@@ -6,7 +6,8 @@ All variants run side by side in one process, in rotation, on the same prompts a
 settings (no EOS, so every row generates max_new_tokens); each figure is the median over
 `--repeats` rounds of tokens/s by wall clock and by this process's CPU time (the latter is
 steadier on a shared machine), with ratios against `transformers` `generate` (hf) and against
-this engine without drafting (D=0). Models, all randomly initialised unless
+this engine without drafting (D=0); "D=0 tf" is D=0 decoding through the transformers forward
+instead of the lean one-token step (mtprl/rollout/lean.py, same tokens bit for bit). Models, all randomly initialised unless
 fitted: the tiny default, a 12-layer x 512-hidden model, and (with --fit-steps > 0) the tiny
 default fitted for a few hundred steps (main + MTP cross-entropy) on a noisy alphabet corpus, so
 that its MTP layer drafts something the main model agrees with. Acceptance is reported as
@@ -23,7 +24,7 @@ import time
 import torch
 
 from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
-from mtprl.rollout import SamplingParams, generate
+from mtprl.rollout import SamplingParams, generate, lean
 
 
 def fit_alphabet(model: MTPCausalLM, tokenizer, steps: int, seed: int = 0) -> MTPCausalLM:
@@ -59,6 +60,14 @@ def hf_generate(model: MTPCausalLM, prompts, params: SamplingParams) -> None:
                         num_return_sequences=n, pad_token_id=pad, eos_token_id=None, **extra)
 
 
+def _without_lean(fn, *args, **kwargs):
+    lean.ENABLED = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        lean.ENABLED = True
+
+
 def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int], repeats: int) -> None:
     """Print median tokens/s (wall, CPU) of hf and of this engine per draft length, and acceptance."""
     model.base.generation_config.eos_token_id = None
@@ -67,6 +76,8 @@ def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int]
     for d in drafts:
         p = SamplingParams(**{**params.__dict__, "draft_tokens": d})
         variants[f"D={d}"] = lambda g, p=p: generate(model, prompts, p, generator=g)
+    if 0 in drafts:  # plain decoding through the transformers forward instead of the lean step (the old path)
+        variants["D=0 tf"] = lambda g: _without_lean(generate, model, prompts, params, generator=g)
     wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
     accept = {}
     with torch.no_grad():
@@ -78,16 +89,16 @@ def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int]
                 out = fn(torch.Generator().manual_seed(r))
                 wall[name].append(tokens / (time.perf_counter() - t))
                 cpu[name].append(tokens / (time.process_time() - c))
-                if out is not None and name != "D=0":
+                if out is not None and name not in ("D=0", "D=0 tf"):
                     accept.setdefault(name, []).append(out.metrics["rollout/accept_rate"])
     mode = "greedy" if params.greedy else f"T={params.temperature} top_p={params.top_p} top_k={params.top_k}"
     print(f"  [{mode}]  {len(prompts)} prompts x n={params.n}, {params.max_new_tokens} new tokens")
-    print(f"    {'':>5}  {'wall tok/s':>10} {'vs hf':>6} {'vs D=0':>6}   {'cpu tok/s':>10} {'vs hf':>6} {'vs D=0':>6}")
+    print(f"    {'':>6}  {'wall tok/s':>10} {'vs hf':>6} {'vs D=0':>6}   {'cpu tok/s':>10} {'vs hf':>6} {'vs D=0':>6}")
     w = {k: statistics.median(v) for k, v in wall.items()}
     c = {k: statistics.median(v) for k, v in cpu.items()}
     for name in variants:
         acc = f"   accept_rate={statistics.mean(accept[name]):.2f}" if name in accept else ""
-        print(f"    {name:>5}  {w[name]:10.0f} {w[name] / w['hf']:6.2f} {w[name] / w['D=0']:6.2f}   "
+        print(f"    {name:>6}  {w[name]:10.0f} {w[name] / w['hf']:6.2f} {w[name] / w['D=0']:6.2f}   "
               f"{c[name]:10.0f} {c[name] / c['hf']:6.2f} {c[name] / c['D=0']:6.2f}{acc}", flush=True)
 
 

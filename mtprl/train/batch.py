@@ -22,6 +22,7 @@ import hashlib
 import torch
 from torch import Tensor
 
+from mtprl.losses import valid_counts
 from mtprl.train.distributed import Dist
 
 
@@ -60,6 +61,7 @@ class TrainBatch:
     head_mask: Tensor  # [K, N, R] bool, response tokens MTP head k scores
     old_log_probs: Tensor | None = None  # [N, R] float32, main head at θ_old
     ref_log_probs: Tensor | None = None  # [N, R] float32, frozen reference (KL loss only)
+    rollout_log_probs: Tensor | None = None  # [N, R] float32, the sampler's log-probs (0 outside the response)
 
     @classmethod
     def build(cls, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, advantages: Tensor,
@@ -91,8 +93,24 @@ class TrainBatch:
             input_ids=self.input_ids[rows][:, cols], attention_mask=attn[:, cols], response_mask=resp[:, :width],
             advantages=self.advantages[rows], loss_mask=pick(self.loss_mask),
             head_mask=self.head_mask[:, rows][:, :, :width], old_log_probs=pick(self.old_log_probs),
-            ref_log_probs=pick(self.ref_log_probs),
+            ref_log_probs=pick(self.ref_log_probs), rollout_log_probs=pick(self.rollout_log_probs),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """Valid tokens / sequences of a whole mini-batch, main head and per MTP head (the loss normalisers)."""
+
+    tokens: Tensor  # 0-dim
+    seqs: Tensor  # 0-dim
+    head_tokens: Tensor  # [K]
+    head_seqs: Tensor  # [K]
+
+    @classmethod
+    def of(cls, batch: TrainBatch, rows: Tensor) -> "Counts":
+        tokens, seqs = valid_counts(batch.loss_mask[rows])
+        head_tokens, head_seqs = valid_counts(batch.head_mask[:, rows])
+        return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
 
 
 def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int) -> list[Tensor]:

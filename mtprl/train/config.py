@@ -95,6 +95,10 @@ class TrainConfig:
     top_p: float = opt(1.0, "nucleus sampling of rollouts; 1: off")
     top_k: int = opt(0, "top-k sampling of rollouts; 0: off")
     draft_tokens: int = opt(0, "speculative rollouts: tokens drafted by the MTP heads per step; 0: plain sampling")
+    reuse_rollout_log_probs: bool = opt(False, "an approximation: take the old log-probs from the rollout instead of "
+                                               "recomputing them in the training layout (saves that forward pass; "
+                                               "they differ by float rounding, ~1e-5, so the ratio and OCC's λ are "
+                                               "not exactly 1 and 0 on the first mini-batch); needs top_p 1, top_k 0")
 
     # ----- evaluation and diagnostics -------------------------------------------------------------
     eval_every: int = opt(25, "evaluate every this many steps (and always at the end); 0: only at the end")
@@ -179,6 +183,9 @@ class TrainConfig:
         require(self.eval_temperature > 0, f"eval_temperature must be > 0 (greedy is reported separately), "
                                            f"got {self.eval_temperature}")
         require(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
+        require(not self.reuse_rollout_log_probs or (self.top_p == 1 and self.top_k == 0),
+                f"reuse_rollout_log_probs needs top_p 1 and top_k 0 (got {self.top_p}, {self.top_k}): the rollout's "
+                "log-probs are those of the filtered distribution, the update's of the plain softmax")
         require(self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}")
         require(self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
         require(self.final_eval_limit == 0 or self.final_eval_limit >= self.eval_limit,

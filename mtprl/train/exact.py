@@ -1,6 +1,15 @@
 """The exact gradient decomposition on the shared parameters, measured for every regime (DESIGN §1).
 
-On one micro-batch (this worker's first of the given mini-batch, at the current parameters,
+Two measurements, both every `exact_every` steps just before the last mini-batch's update:
+- `exact/{k}/...` (same-batch, `exact_terms`): g_RL and g_MTP from the *same* micro-batch, so
+  ⟨ĝ_RL, ĝ_MTP⟩ carries the bias tr Cov(ĝ_RL, ĝ_MTP). Kept under its own names for comparison.
+- `heldout/{k}/...` (`heldout_terms`): the whole rollout batch split by prompt group into two halves
+  with a seeded permutation of its own (no global random numbers); g_RL and g_MTP of each half, and the
+  split-half Euclidean and AdamW-preconditioned terms of `mtprl.losses.heldout` (P from the
+  optimiser's current exp_avg_sq, bias-corrected, its ε; H ≈ I in λ*), beside the OCC proxy ĉ of the
+  same tokens under both estimators. Costs one forward and K + 1 gradient calls over the whole batch.
+
+Same-batch terms: on one micro-batch (this worker's first of the given mini-batch, at the current parameters,
 before the mini-batch's update) we compute g_RL = ∇θ_s L_RL and, per head k, g_k = ∇θ_s L_k with
 `gradient_alignment`, and log ⟨g_RL, g_k⟩, ‖g_RL‖², ‖g_k‖², their cosine and the slope
 ⟨g_RL, g_k⟩ / (‖g_k‖² + ε) (the exact ĉ), beside the OCC proxy ĉ of the same tokens.
@@ -14,11 +23,12 @@ leaves the update unchanged. Losses are micro-batch means; with several workers 
 averaged over workers.
 
 Sharded (`parallel: fsdp`): `torch.autograd.grad` cannot reach FSDP2's sharded parameters, so the
-probe takes two backward passes into `.grad` instead (summed over ranks by FSDP, read as shards,
-then cleared: the update after it starts from zero gradients as before) and reduces the inner
+same-batch probe takes backward passes into `.grad` instead (summed over ranks by FSDP, read as
+shards, then restored: the update after it starts from the gradients it had) and reduces the inner
 products and norms over the shards. Its batch is the first max(micro_batch_size, workers) rows of
 the mini-batch shared over the workers, each loss normalised over all of those rows: the gradient
-of one process's first micro-batch, so the values equal a 1-process run's (a test checks).
+of one process's first micro-batch, so the values equal a 1-process run's (a test checks). The
+held-out terms are not measured sharded (`heldout_terms` returns {} there; the trainer says so).
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import gradient_alignment, mtp_head_losses, occ_coefficient, policy_loss
-from mtprl.train.batch import TrainBatch, micro_batches, response_log_probs
+from mtprl.losses.heldout import adam_preconditioner, split_half_terms
+from mtprl.train.batch import Counts, TrainBatch, derive_seed, micro_batches, response_log_probs
 from mtprl.train.distributed import Dist
 from mtprl.train.fsdp import global_sum, is_sharded, local
 
@@ -71,6 +82,171 @@ def exact_terms(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict
             out[f"exact/{k}/proxy_c_hat"] = proxy["c_hat"]
     with torch.no_grad():
         return dist.mean_values(out)
+
+
+# ----- held-out terms ------------------------------------------------------------------------------
+
+
+def split_groups(n_rows: int, group_size: int, seed: int, step: int) -> tuple[Tensor, Tensor] | None:
+    """Rows of two disjoint halves of the prompt groups (rows are prompt-major groups of `group_size`),
+    from a generator of its own seeded by (seed, step); None with fewer than two groups."""
+    groups = n_rows // group_size
+    if groups < 2:
+        return None
+    generator = torch.Generator().manual_seed(derive_seed("heldout", seed, step))
+    order = torch.randperm(groups, generator=generator)
+    half = [order[: groups // 2], order[groups // 2:]]
+    return tuple(torch.cat([torch.arange(group_size) + g * group_size for g in sorted(h.tolist())]) for h in half)
+
+
+def adam_preconditioners(optimizer, params: list[Tensor]) -> list[Tensor] | None:
+    """P per parameter from the optimiser's current state (zeros for a parameter it does not update);
+    None before the optimiser's first step (no second moment yet)."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        if id(p) not in groups:
+            out.append(torch.zeros_like(p, dtype=torch.float64))
+            continue
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            return None
+        group = groups[id(p)]
+        out.append(adam_preconditioner(state["exp_avg_sq"], float(state["step"]), group["betas"][1], group["eps"]))
+    return out
+
+
+def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    wanted = [p for p in params if p.requires_grad]
+    found = iter(torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True) if loss.requires_grad
+                 and wanted else [None] * len(wanted))
+    out = []
+    for p in params:
+        g = next(found) if p.requires_grad else None
+        out.append(torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float())
+    return out
+
+
+def _add(total: list[Tensor] | None, new: list[Tensor]) -> list[Tensor]:
+    return new if total is None else [a + b for a, b in zip(total, new)]
+
+
+def half_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> tuple[list[Tensor], list[list[Tensor]],
+                                                                                     dict[str, float]]:
+    """(g_RL, [g_k], proxy sums) of the rows `rows` on the shared parameters, summed over workers.
+
+    Losses are normalised over the whole half (all its micro-batches, all workers), so g is the half's
+    gradient; the probe losses are those of `exact_terms` (every detach switch off). Proxy sums per head:
+    `{k}/ratio` Σ δμ/(μ²+ε), `{k}/n` valid tokens, `{k}/dm` Σ δμ, `{k}/mm` Σ μ².
+    """
+    counts = Counts.of(batch, rows)
+    shared = list(model.shared_parameters())
+    g_rl, g_heads, sums = None, None, {}
+    options = dict(agg=cfg.loss_agg, norm_length=float(cfg.max_new_tokens), clip_low=cfg.clip_low,
+                   clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+    K = batch.head_mask.shape[0]
+    with detach_off(model):
+        for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+            mb = batch.select(mb_rows)
+            lp = response_log_probs(model, mb, cfg.temperature, mtp=True)
+            loss_rl, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask,
+                                     global_tokens=counts.tokens, global_seqs=counts.seqs, **options)
+            heads = mtp_head_losses(cfg.regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
+                                    log_prob=lp.log_probs, old_log_prob=mb.old_log_probs, advantages=mb.advantages,
+                                    probe=True, global_tokens=counts.head_tokens, global_seqs=counts.head_seqs,
+                                    **options)
+            g_rl = _add(g_rl, _grads(loss_rl, shared))
+            per_head = [_grads(h, shared) for h in heads]
+            g_heads = per_head if g_heads is None else [_add(a, b) for a, b in zip(g_heads, per_head)]
+            _add_proxy_sums(sums, lp, mb, cfg.occ_eps)
+    if g_rl is None:  # this worker holds no row of the half: zero gradients, zero sums
+        g_rl = [torch.zeros_like(p, dtype=torch.float32) for p in shared]
+        g_heads = [[torch.zeros_like(p, dtype=torch.float32) for p in shared] for _ in range(K)]
+    dist.sum_(g_rl + [g for head in g_heads for g in head])
+    return g_rl, g_heads, _total_sums(sums, K, dist)
+
+
+_SUMS = ("ratio", "n", "dm", "mm")
+
+
+@torch.no_grad()
+def _add_proxy_sums(sums: dict[str, float], lp, mb: TrainBatch, eps: float) -> None:
+    """Add a micro-batch's OCC proxy sums per head k: Σ δμ/(μ²+ε), valid tokens, Σ δμ, Σ μ²."""
+    for k in range(mb.head_mask.shape[0]):
+        mask = mb.head_mask[k]
+        delta = torch.where(mask, lp.log_probs.float() - mb.old_log_probs, 0.0)  # [B, T]
+        mu = torch.where(mask, lp.mtp_log_probs[k].float() - mb.old_log_probs, 0.0)  # [B, T]
+        for name, value in (("ratio", torch.where(mask, delta * mu / (mu.square() + eps), 0.0)),
+                            ("n", mask.float()), ("dm", delta * mu), ("mm", mu.square())):
+            sums[f"{k}/{name}"] = sums.get(f"{k}/{name}", 0.0) + float(value.sum())
+
+
+def _total_sums(sums: dict[str, float], K: int, dist: Dist) -> dict[str, float]:
+    sums = {f"{k}/{name}": sums.get(f"{k}/{name}", 0.0) for k in range(K) for name in _SUMS}
+    return {key: value * dist.world for key, value in dist.mean_values(sums).items()}
+
+
+def proxy_estimates(sums: dict[str, float], k: int, eps: float) -> dict[str, float]:
+    """OCC's ĉ of head k under both estimators from `_add_proxy_sums` totals."""
+    return {"proxy_mean_ratio": sums[f"{k}/ratio"] / max(sums[f"{k}/n"], 1.0),
+            "proxy_ratio_of_sums": sums[f"{k}/dm"] / (sums[f"{k}/mm"] + eps)}
+
+
+@torch.no_grad()
+def proxy_of_rows(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> list[dict[str, float]]:
+    """Per head, OCC's ĉ (both estimators) over the tokens of rows `rows` at the current parameters."""
+    sums: dict[str, float] = {}
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+        mb = batch.select(mb_rows)
+        _add_proxy_sums(sums, response_log_probs(model, mb, cfg.temperature, mtp=True), mb, cfg.occ_eps)
+    K = batch.head_mask.shape[0]
+    totals = _total_sums(sums, K, dist)
+    return [proxy_estimates(totals, k, cfg.occ_eps) for k in range(K)]
+
+
+def _share(batch: TrainBatch, rows_a: Tensor, rows_b: Tensor, mask: Tensor, by_tokens: bool) -> float:
+    """Half A's share of the loss normaliser of the whole batch (valid tokens of `mask`, or sequences)."""
+    def count(rows):
+        m = mask[rows]
+        return float(m.sum()) if by_tokens else float(m.any(-1).sum())
+    a, b = count(rows_a), count(rows_b)
+    return a / (a + b) if a + b > 0 else 0.5
+
+
+def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dist,
+                  keep: dict | None = None) -> dict[str, float]:
+    """`heldout/{k}/...` on the whole rollout batch split by prompt group (module docstring); {} with one group.
+
+    Keys per head: the `split_half_terms` keys (the preconditioned ones once the optimiser has a second
+    moment), `proxy_mean_ratio` and `proxy_ratio_of_sums` (OCC's ĉ over all the batch's tokens of the
+    head at the current parameters), and `heldout/lr` (η of λ*). A `keep` dict receives the whole batch's
+    per-head MTP gradients (`mtp`: [K][params]) and the preconditioner (`precond`, None before the first step).
+    """
+    halves = split_groups(batch.size, cfg.group_size, cfg.seed, step)
+    if halves is None or is_sharded(model):  # sharded: torch.autograd.grad cannot reach the shards
+        return {}
+    rows_a, rows_b = (h.to(batch.input_ids.device) for h in halves)
+    rl_a, heads_a, sums_a = half_gradients(model, batch, rows_a, cfg, dist)
+    rl_b, heads_b, sums_b = half_gradients(model, batch, rows_b, cfg, dist)
+    shared = list(model.shared_parameters())
+    precond = adam_preconditioners(optimizer, shared)
+    lr = float(optimizer.param_groups[0]["lr"])
+    by_tokens = cfg.loss_agg == "token-mean"
+    w_rl = _share(batch, rows_a, rows_b, batch.loss_mask, by_tokens)
+    out: dict[str, float] = {"heldout/lr": lr}
+    for k, (m_a, m_b) in enumerate(zip(heads_a, heads_b)):
+        w_mtp = _share(batch, rows_a, rows_b, batch.head_mask[k], by_tokens)
+        terms = split_half_terms(rl_a, rl_b, m_a, m_b, (w_rl, w_mtp), precond=precond, lr=lr, eps=cfg.occ_eps)
+        terms.update(proxy_estimates({key: sums_a[key] + sums_b[key] for key in sums_a}, k, cfg.occ_eps))
+        out.update({f"heldout/{k}/{name}": value for name, value in terms.items()})
+        if keep is not None:
+            keep.setdefault("mtp", []).append([w_mtp * a + (1 - w_mtp) * b for a, b in zip(m_a, m_b)])
+    if keep is not None:
+        keep["precond"] = precond
+    return out
+
+
+# ----- same-batch terms of a sharded model ---------------------------------------------------------
 
 
 def _shard_grads(loss: Tensor, every: list[Tensor], params: list[Tensor]) -> list[Tensor]:

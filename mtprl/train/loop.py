@@ -98,7 +98,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[ProblemStream, RewardFn, dict]:
     return build_problems(cfg)
 
 
-def _announce(dist: Dist, run_dir: Path) -> None:
+def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
     """Say how the run was really launched (and loudly when the environment asked for something else)."""
     if not dist.is_main:
         return
@@ -106,6 +106,9 @@ def _announce(dist: Dist, run_dir: Path) -> None:
     mismatch = launch_mismatch(dist.world)
     if mismatch:
         print(f"mtprl train: WARNING: {mismatch}", file=sys.stderr, flush=True)
+    if dist.parallel == "fsdp" and exact_every > 0:
+        print("mtprl train: note: sharded (parallel: fsdp), every exact_every steps logs the same-batch exact/ "
+              "terms but not the held-out heldout/ ones (those need parallel: ddp)", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -180,7 +183,7 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     stream, reward_fn, suites = check_inputs(cfg)
     accelerator = _accelerator(cfg, run_dir)
     dist = Dist(accelerator, cfg.parallel)
-    _announce(dist, run_dir)
+    _announce(dist, run_dir, cfg.exact_every)
     _check_world(cfg, dist)
     plan = _plan(cfg, run_dir, dist, lock)
     base = base_model_path(cfg)

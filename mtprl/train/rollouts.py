@@ -40,10 +40,12 @@ class Draw:
     correct: Tensor  # [N] raw reward == 1
     truncated: Tensor  # [N] bool, stopped by max_new_tokens
     metrics: dict[str, float]
+    log_probs: Tensor | None = None  # [N, R] the sampler's log-probs of the response tokens, 0 elsewhere
 
     def rows(self, idx: Tensor) -> "Draw":
         return Draw(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
-                    self.rewards[idx], self.correct[idx], self.truncated[idx], self.metrics)
+                    self.rewards[idx], self.correct[idx], self.truncated[idx], self.metrics,
+                    None if self.log_probs is None else self.log_probs[idx])
 
 
 def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
@@ -90,6 +92,7 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
         rewards=dist.gather_rows(shaped.to(device)), correct=dist.gather_rows((raw >= 1.0).to(device)),
         truncated=dist.gather_rows(truncated.to(device)),
         metrics=dist.mean_values({k: float(v) for k, v in rollout.metrics.items()}),
+        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0),
     )
 
 
@@ -110,6 +113,7 @@ def _concat(draws: list[Draw], pad_id: int) -> Draw:
         response_mask=_pad_cat([d.response_mask for d in draws], False, left=False),
         rewards=torch.cat([d.rewards for d in draws]), correct=torch.cat([d.correct for d in draws]),
         truncated=torch.cat([d.truncated for d in draws]), metrics=draws[0].metrics,
+        log_probs=_pad_cat([d.log_probs for d in draws], 0.0, left=False),
     )
 
 
@@ -149,6 +153,7 @@ def collect_batch(model, tokenizer, stream: ProblemStream, reward_fn: RewardFn, 
     train_batch = TrainBatch.build(torch.cat([batch.prompt_ids, batch.response_ids], 1),
                                    torch.cat([batch.prompt_mask, batch.response_mask], 1), batch.response_mask,
                                    advantages, model.num_mtp)
+    train_batch.rollout_log_probs = batch.log_probs
     return train_batch, _metrics(draws, batch, cfg)
 
 

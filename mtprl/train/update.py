@@ -18,34 +18,17 @@ Departures from the paper's recipe / verl:
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
-from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss, valid_counts
-from mtprl.train.batch import TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
+from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
+from mtprl.train.batch import Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
 from mtprl.train.distributed import Dist
-from mtprl.train.exact import exact_terms
+from mtprl.train.exact import exact_terms, heldout_terms
 from mtprl.train.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from mtprl.train.fsdp import is_sharded
-
-
-@dataclasses.dataclass(frozen=True)
-class Counts:
-    """Valid tokens / sequences of a whole mini-batch, main head and per MTP head (the loss normalisers)."""
-
-    tokens: Tensor  # 0-dim
-    seqs: Tensor  # 0-dim
-    head_tokens: Tensor  # [K]
-    head_seqs: Tensor  # [K]
-
-    @classmethod
-    def of(cls, batch: TrainBatch, rows: Tensor) -> "Counts":
-        tokens, seqs = valid_counts(batch.loss_mask[rows])
-        head_tokens, head_seqs = valid_counts(batch.head_mask[:, rows])
-        return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
 
 
 def trainable(model) -> tuple[list[Tensor], list[Tensor]]:
@@ -67,10 +50,16 @@ def build_optimizer(model, cfg):
 
 
 def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
-    """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout."""
+    """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
+    (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
     layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
               for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
-    batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
+    if getattr(cfg, "reuse_rollout_log_probs", False):
+        if batch.rollout_log_probs is None:
+            raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
+        batch.old_log_probs = torch.where(batch.loss_mask, batch.rollout_log_probs, 0.0)
+    else:
+        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
     if ref_model is not None:
         batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
 
@@ -184,20 +173,26 @@ def minibatch_update(model, optimizer, scheduler, batch: TrainBatch, rows: Tenso
     return {**metrics, **_step(model, optimizer, scheduler, cfg, dist)}
 
 
+def update_plan(n: int, cfg, step: int) -> list[tuple[Tensor, bool]]:
+    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches."""
+    plan = [rows for epoch in range(cfg.epochs) for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch)]
+    return [(rows, i == len(plan) - 1) for i, rows in enumerate(plan)]
+
+
 def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: int, dist: Dist,
                    exact: bool = False) -> dict[str, float]:
     """All updates of one rollout batch (old log-probs set); metrics averaged over its mini-batches.
 
     `mtp/{k}/lambda_first` is λ on the first mini-batch after the rollout. With `exact`, the exact
-    gradient terms (`exact/{k}/...`) are measured on the last mini-batch just before its update.
+    gradient terms are measured just before the last mini-batch's update: same-batch on its first
+    micro-batch (`exact/{k}/...`) and held-out on the whole batch split by prompt group (`heldout/...`).
     """
     per_minibatch, exact_metrics = [], {}
-    for epoch in range(cfg.epochs):
-        layout = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, epoch)
-        for j, rows in enumerate(layout):
-            if exact and epoch == cfg.epochs - 1 and j == len(layout) - 1:
-                exact_metrics = exact_terms(model, batch, rows, cfg, dist)
-            per_minibatch.append(minibatch_update(model, optimizer, scheduler, batch, rows, cfg, dist))
+    for rows, last in update_plan(batch.size, cfg, step):
+        if exact and last:
+            exact_metrics = {**exact_terms(model, batch, rows, cfg, dist),
+                             **heldout_terms(model, optimizer, batch, cfg, step, dist)}
+        per_minibatch.append(minibatch_update(model, optimizer, scheduler, batch, rows, cfg, dist))
     keys = per_minibatch[0].keys()
     out = {k: sum(m[k] for m in per_minibatch) / len(per_minibatch) for k in keys}
     out["lr"] = per_minibatch[-1]["lr"]
