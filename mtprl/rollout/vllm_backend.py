@@ -76,13 +76,27 @@ def _patch_cpu_expand() -> None:
         cpu_triton_utils._expand_kernel_impl = _expand_torch
 
 
-def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) of every weight vLLM serves: the trunk (tied tensors once) then the MTP layers."""
-    from mtprl.model.checkpoint import mtp_state_dict
+def hf_weights(model, state: Iterable[tuple[str, torch.Tensor]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) of every weight vLLM serves: the trunk (tied tensors once), then the MTP layers.
 
-    for name, param in model.base.named_parameters():
-        yield name, param.detach()
-    yield from mtp_state_dict(model).items()
+    `state`: (name in `model`, whole tensor) pairs, e.g. a sharded trainer's all-gathered tensors one
+    at a time; default `model.named_parameters()`. Names are mapped to the checkpoint's
+    (`base.model.layers.0.…` -> `model.layers.0.…`, `mtp_layers.0.block.…` -> `model.mtp_layers.0.…`);
+    buffers (rotary tables) are not weights and are left out.
+    """
+    from mtprl.model.checkpoint import _Names
+
+    names = _Names(model.layout.naming, model.config.num_hidden_layers)
+    params = {n for n, _ in model.named_parameters()}
+    for name, tensor in (model.named_parameters() if state is None else state):
+        if name not in params:
+            continue
+        if name.startswith("base."):
+            yield name[len("base."):], tensor.detach()
+        elif name.startswith("mtp_layers."):
+            yield names.stored(name[len("mtp_layers."):]), tensor.detach().contiguous()
+        else:
+            raise ValueError(f"weight '{name}' is neither the trunk's (base.*) nor an MTP layer's (mtp_layers.*)")
 
 
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[int, int]:
@@ -169,9 +183,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.pushes += 1
 
-    def sync(self, model) -> None:
-        """Push every weight of `model` (an `MTPCausalLM`, not sharded): trunk and MTP layers."""
-        self.push_weights(hf_weights(model))
+    def sync(self, model, state: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Push every weight of `model` (an `MTPCausalLM`), trunk and MTP layers; `state` as for `hf_weights`."""
+        self.push_weights(hf_weights(model, state))
         self.finish_push()
 
     def read_weights(self, which: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,9 @@ from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
 from mtprl.train.evaluate import evaluate, write_problem_results
-from mtprl.train.fsdp import check_sharded_run, ensure_process_group, gathered, release_process_group, shard_model
+from mtprl.train.fsdp import (
+    check_sharded_run, ensure_process_group, gathered, iter_full_state, release_process_group, shard_model,
+)
 from mtprl.train.metrics import MetricsLog, Progress
 from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
@@ -149,7 +151,7 @@ class Run:
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
         if self.engine is not None:  # the next rollout samples from the updated weights, MTP layers included
             t2 = time.perf_counter()
-            self.engine.sync(self.model)
+            self.engine.sync(self.model, iter_full_state(self.model))  # whole tensors, one at a time if sharded
             metrics["time/weight_sync_s"] = time.perf_counter() - t2
         return self.log.log("train", step, self.now(), metrics)
 
