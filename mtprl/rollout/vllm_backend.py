@@ -217,6 +217,7 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         vparams = [VParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
                            max_tokens=params.max_new_tokens, stop_token_ids=stops, logprobs=0, detokenize=False,
+                           ignore_eos=eos_token_id is None,  # as our engine: no EOS id given, no stop at EOS
                            seed=None if params.greedy else (seed * 1_000_003 + i) % (2 ** 31))
                    for i in range(len(prompts))]
         before = self._counters()
