@@ -16,22 +16,34 @@ rule for a one-hot q), so vLLM's rate at T = 1 is E[p(argmax q)] and ours E[Σ m
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
 
+from mtprl.config import add_config_arguments, load_config, opt
 from mtprl.errors import UserError
 
 
+@dataclasses.dataclass
+class AcceptanceConfig:
+    """MTP acceptance of a checkpoint in vLLM beside our engine, on the held-out suites."""
+
+    path: str | None = opt(None, "a run directory (its latest checkpoint), a checkpoint, or a model directory; "
+                                 "a PATH argument on the command line wins")
+    suites: list[str] = opt([], "held-out suites; empty: all six")
+    limit: int = opt(32, "problems per suite")
+    draft_tokens: int = opt(1, "tokens drafted per step (vLLM's num_speculative_tokens)")
+    samples: int = opt(4, "samples per prompt at T = 1")
+    max_new_tokens: int = opt(96, "longest response")
+    seed: int = opt(0, "seed of the T = 1 samples")
+    output: str | None = opt(None, "write the figures as JSON to this file")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a run directory, one of its checkpoints, or a model directory")
-    parser.add_argument("--suites", nargs="*", default=[], help="held-out suites (default: all six)")
-    parser.add_argument("--limit", type=int, default=32, help="problems per suite")
-    parser.add_argument("--draft-tokens", type=int, default=1, help="tokens drafted per step (num_speculative_tokens)")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt at T = 1")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="write the figures as JSON here")
+    parser.add_argument("positional_path", nargs="?", metavar="PATH", help="run, checkpoint or model directory")
+    add_config_arguments(parser, AcceptanceConfig)
 
 
 def model_dir(path: Path) -> Path:
@@ -65,6 +77,9 @@ def measure(path: str | Path, suites: list[str], limit: int, draft_tokens: int, 
             raise UserError(f"unknown suite '{name}'; known: {', '.join(SUITES)}")
     if limit < 1 or draft_tokens < 1 or samples < 1 or max_new_tokens < 1:
         raise UserError("--limit, --draft-tokens, --samples and --max-new-tokens must be >= 1")
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("mtprl acceptance needs vLLM: `pip install mtprl[vllm]` on GPUs, `make install-vllm` on CPU "
+                        "(then run .venv-vllm/bin/mtprl acceptance)")
     source = model_dir(Path(path))
     model = MTPCausalLM.from_pretrained(source).eval()
     tokenizer = load_tokenizer(source)
@@ -95,14 +110,17 @@ def measure(path: str | Path, suites: list[str], limit: int, draft_tokens: int, 
 
 
 def run(args) -> int:
-    figures = measure(args.path, args.suites, args.limit, args.draft_tokens, args.samples, args.max_new_tokens,
-                      args.seed)
+    overrides = {"path": args.positional_path} if args.positional_path else {}
+    cfg = load_config(AcceptanceConfig, args, **overrides)
+    if not cfg.path:
+        raise UserError("no checkpoint given; pass PATH (a run, checkpoint or model directory) or path in --config")
+    figures = measure(cfg.path, cfg.suites, cfg.limit, cfg.draft_tokens, cfg.samples, cfg.max_new_tokens, cfg.seed)
     print(f"MTP acceptance of {figures['model']} on {figures['prompts']} held-out prompts")
     print(f"{'mode':8} {'engine':6} " + " ".join(f"{k:>16}" for k in figures["greedy"]["ours"]))
     for mode in ("greedy", "sampled"):
         for engine in ("ours", "vllm"):
             row = figures[mode][engine]
             print(f"{mode:8} {engine:6} " + " ".join(f"{v:16.4f}" for v in row.values()))
-    if args.output:
-        Path(args.output).write_text(json.dumps(figures, indent=1))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(figures, indent=1))
     return 0

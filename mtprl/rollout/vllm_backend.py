@@ -16,7 +16,8 @@ log-probs itself; the difference between the two is the off-policy error (`mtprl
 Metrics follow our engine's names: `rollout/accept_rate/{d}` = vLLM's
 `spec_decode_num_accepted_tokens_per_pos[d] / spec_decode_num_drafts` (the share of verify steps
 whose draft d was accepted, drafts 0..d-1 accepted too), `rollout/mean_accepted` and
-`rollout/accept_rate` (their sum, and the sum over D), from the counters' change during the call.
+`rollout/accept_rate` (their sum, and the sum over D), from the counters' change during the call;
+`rollout/vllm_drafts` is the number of (request, step) pairs that drafted.
 
 How vLLM accepts drafts when sampling: its MTP proposer drafts the argmax of the MTP head and
 passes no draft probabilities (`draft_probs=None`), so the rejection sampler accepts draft x with
@@ -242,7 +243,7 @@ def _spec_metrics(before: dict, after: dict, draft_tokens: int) -> dict[str, flo
     out = {f"rollout/accept_rate/{d}": r for d, r in enumerate(rates)}
     out["rollout/mean_accepted"] = sum(rates)
     out["rollout/accept_rate"] = sum(rates) / draft_tokens
-    out["rollout/verify_steps"] = drafts
+    out["rollout/vllm_drafts"] = drafts  # (request, step) pairs that drafted; not our batched verify_steps
     return out
 
 

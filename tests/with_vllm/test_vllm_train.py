@@ -63,3 +63,18 @@ def test_second_rollout_drafts_with_the_updated_mtp_layers(run_after_one_step, s
     assert got == pytest.approx(now, abs=0.005)
     for record in (first, second):
         assert 0 < record["rollout/accept_rate/0"] <= 1 and "time/weight_sync_s" in record
+
+
+def test_trained_checkpoint_served_by_a_fresh_engine_accepts_as_ours(run_after_one_step):
+    """The trainer's checkpoint, exported and served anew (`mtprl acceptance`), drafts as our engine does greedily."""
+    from mtprl.integrations.vllm_acceptance import measure
+
+    run = run_after_one_step[0]
+    run.save(2)
+    figures = measure(run.run_dir, ["add-easy", "expr-easy", "sort-easy"], limit=8, draft_tokens=1, samples=2,
+                      max_new_tokens=32)
+    assert figures["model"].endswith("model") and figures["prompts"] == 24
+    greedy = figures["greedy"]
+    assert greedy["vllm"]["accept_rate/0"] == pytest.approx(greedy["ours"]["accept_rate/0"], abs=0.01)
+    for engine in ("ours", "vllm"):
+        assert 0 < figures["sampled"][engine]["accept_rate/0"] <= 1
