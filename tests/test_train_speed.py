@@ -1,4 +1,4 @@
-"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`."""
+"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`, `first_draws`."""
 
 import dataclasses
 
@@ -45,3 +45,47 @@ def test_reuse_needs_the_plain_softmax():
         TrainConfig(reuse_rollout_log_probs=True, top_p=0.9).validate()
     with pytest.raises(ConfigError, match="top_k 0"):
         TrainConfig(reuse_rollout_log_probs=True, top_k=5).validate()
+
+
+@pytest.mark.parametrize("first_draws, calls", [(1, 3), (2, 2), (3, 1)])
+def test_first_draws_sample_together_and_use_the_same_problems(setup, monkeypatch, first_draws, calls):
+    """With rewards all equal no group is mixed, so dynamic sampling makes all max_draws = 3 draws."""
+    from mtprl.train import rollouts
+
+    model, cfg, _ = setup
+    cfg = dataclasses.replace(cfg, max_draws=3, first_draws=first_draws)
+    seen = []
+
+    def counting(model, prompts, params, **kwargs):
+        seen.append(len(prompts))
+        return generate(model, prompts, params, **kwargs)
+
+    generate = rollouts.generate
+    monkeypatch.setattr(rollouts, "generate", counting)
+    stream, _, _ = build_problems(cfg)
+    batch, metrics = collect_batch(model, model_tokenizer(), stream, lambda p, t: 1.0, cfg, 1, Dist())
+    assert len(seen) == calls and sum(seen) == 3 * cfg.prompts_per_step and seen[0] == first_draws * 4
+    assert stream.position == 3 * cfg.prompts_per_step and metrics["sampling/draws"] == 3.0
+    assert batch.size == cfg.prompts_per_step * cfg.group_size
+    # the batch is filled with the first draw's groups (all dropped, in draw order): the same prompts either way
+    fresh, _, _ = build_problems(cfg)
+    first = encode_first(fresh.take(cfg.prompts_per_step), cfg)
+    assert [row[row != 0].tolist() for row in batch.input_ids[:: cfg.group_size, : batch.prompt_len]] == first
+
+
+def model_tokenizer():
+    return build_tokenizer()
+
+
+def encode_first(problems, cfg):
+    from mtprl.train.data import encode_prompts
+
+    return encode_prompts(build_tokenizer(), problems, cfg.chat_template, cfg.max_prompt_tokens)
+
+
+def test_first_draws_is_checked():
+    TrainConfig(first_draws=2).validate()
+    with pytest.raises(ConfigError, match="first_draws must lie in"):
+        TrainConfig(first_draws=5, max_draws=4).validate()
+    with pytest.raises(ConfigError, match="needs dynamic_sampling"):
+        TrainConfig(first_draws=2, dynamic_sampling=False).validate()
