@@ -89,3 +89,58 @@ def test_first_draws_is_checked():
         TrainConfig(first_draws=5, max_draws=4).validate()
     with pytest.raises(ConfigError, match="needs dynamic_sampling"):
         TrainConfig(first_draws=2, dynamic_sampling=False).validate()
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("regime", ["policy", "ce", "detach"])
+def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
+    import copy
+
+    from mtprl.model import apply_regime
+    from mtprl.train.batch import micro_batches, minibatch_rows, sort_lengths
+    from mtprl.train.update import accumulate_gradients
+
+    model, cfg, batch = setup
+    cfg = dataclasses.replace(cfg, regime=regime)
+    g = torch.Generator().manual_seed(0)  # the random model earns no reward: advantages of our own
+    batch = dataclasses.replace(batch, advantages=torch.randn(batch.size, generator=g))
+    prepare_log_probs(model, None, batch, cfg, 1, Dist())
+    sorted_cfg = dataclasses.replace(cfg, sort_micro_batches=True)
+    plain = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)
+    ordered = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0, sort_lengths(batch, sorted_cfg))
+    assert sort_lengths(batch, cfg) is None
+    slots = {}
+    for name, layout in (("plain", plain), ("sorted", ordered)):
+        slots[name] = sum(batch.select(mb).input_ids.numel() for rows in layout
+                          for mb in micro_batches(rows, Dist(), cfg.micro_batch_size))
+    assert slots["sorted"] < slots["plain"]  # the option does something: fewer padded slots
+    out = {}
+    for name, layout in (("plain", plain), ("sorted", ordered)):
+        m = copy.deepcopy(model)
+        apply_regime(m, regime)
+        assert sorted(layout[1].tolist()) == sorted(plain[1].tolist())  # same mini-batch, other order
+        metrics = accumulate_gradients(m, batch, layout[1], cfg, Dist())
+        out[name] = (metrics, _grads(m))
+    (m0, g0), (m1, g1) = out["plain"], out["sorted"]
+    assert m1["pg/loss"] == pytest.approx(m0["pg/loss"], rel=1e-5, abs=1e-8)
+    assert m1["mtp/loss"] == pytest.approx(m0["mtp/loss"], rel=1e-5, abs=1e-8)
+    assert any(g.abs().sum() > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_sorted_micro_batches_keep_the_first_ratio_exactly_one(setup):
+    import copy
+
+    from mtprl.train.update import build_optimizer, train_on_batch
+
+    model, cfg, batch = setup
+    cfg = dataclasses.replace(cfg, regime="occ", sort_micro_batches=True)
+    m = copy.deepcopy(model)
+    optimizer, scheduler = build_optimizer(m, cfg)
+    prepare_log_probs(m, None, batch, cfg, 1, Dist())
+    metrics = train_on_batch(m, optimizer, scheduler, batch, cfg, 1, Dist())
+    assert metrics["mtp/0/lambda_first"] == 0.0  # old log-probs were computed in the same (sorted) layout

@@ -11,7 +11,10 @@ Layout. Epoch e of step s shuffles the N rows with a seed of (seed, s, e) and cu
 `mini_batches` equal mini-batches; worker r takes its contiguous share of each mini-batch and cuts
 it into micro-batches of `micro_batch_size` rows. Old log-probs are computed in exactly the
 micro-batches of epoch 0, so on the first mini-batch (θ = θ_old) the training forward reproduces
-them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly.
+them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly. The option `sort_micro_batches` lists
+each mini-batch's rows by response length before the cut (same mini-batches, less padding): the
+loss and gradients are the same up to float rounding, except where a quantity is computed per
+micro-batch (OCC's ĉ, occ-exact's slope), which then sees other tokens.
 """
 
 from __future__ import annotations
@@ -113,10 +116,23 @@ class Counts:
         return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
 
 
-def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int) -> list[Tensor]:
-    """Global row indices of each mini-batch of epoch `epoch` of step `step` (a seeded shuffle)."""
+def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int,
+                   lengths: Tensor | None = None) -> list[Tensor]:
+    """Global row indices of each mini-batch of epoch `epoch` of step `step` (a seeded shuffle).
+
+    With `lengths` [n], each mini-batch keeps its rows but lists them by length (stable), so that the
+    micro-batches cut from it hold rows of similar length and carry less padding.
+    """
     generator = torch.Generator().manual_seed(derive_seed("minibatches", seed, step, epoch))
-    return list(torch.randperm(n, generator=generator).chunk(mini_batches))
+    chunks = list(torch.randperm(n, generator=generator).chunk(mini_batches))
+    if lengths is None:
+        return chunks
+    return [rows[torch.sort(lengths[rows], stable=True).indices] for rows in chunks]
+
+
+def sort_lengths(batch: "TrainBatch", cfg) -> Tensor | None:
+    """The response lengths [N] to order mini-batches by under `cfg.sort_micro_batches`, else None."""
+    return batch.response_mask.sum(1) if getattr(cfg, "sort_micro_batches", False) else None
 
 
 def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int) -> list[Tensor]:

@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
-from mtprl.train.batch import Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
+from mtprl.train.batch import (
+    Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs, sort_lengths,
+)
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms, heldout_terms
 
@@ -50,7 +52,8 @@ def build_optimizer(model, cfg):
 def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
     """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
     (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
-    layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
+    lengths = sort_lengths(batch, cfg)
+    layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0, lengths)
               for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
     if getattr(cfg, "reuse_rollout_log_probs", False):
         if batch.rollout_log_probs is None:
@@ -164,9 +167,11 @@ def minibatch_update(model, optimizer, scheduler, batch: TrainBatch, rows: Tenso
     return {**metrics, **_step(model, optimizer, scheduler, cfg, dist)}
 
 
-def update_plan(n: int, cfg, step: int) -> list[tuple[Tensor, bool]]:
-    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches."""
-    plan = [rows for epoch in range(cfg.epochs) for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch)]
+def update_plan(n: int, cfg, step: int, lengths: Tensor | None = None) -> list[tuple[Tensor, bool]]:
+    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches.
+    `lengths`: see `minibatch_rows` (the `sort_micro_batches` option)."""
+    plan = [rows for epoch in range(cfg.epochs)
+            for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch, lengths)]
     return [(rows, i == len(plan) - 1) for i, rows in enumerate(plan)]
 
 
@@ -179,7 +184,7 @@ def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: in
     micro-batch (`exact/{k}/...`) and held-out on the whole batch split by prompt group (`heldout/...`).
     """
     per_minibatch, exact_metrics = [], {}
-    for rows, last in update_plan(batch.size, cfg, step):
+    for rows, last in update_plan(batch.size, cfg, step, sort_lengths(batch, cfg)):
         if exact and last:
             exact_metrics = {**exact_terms(model, batch, rows, cfg, dist),
                              **heldout_terms(model, optimizer, batch, cfg, step, dist)}
