@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("mtprl.smoke", "build the tiny default MTP model and run one forward pass"),
     "train": ("mtprl.train.command", "RL from verifiable rewards with an MTP regime (GRPO/DAPO, OCC); writes a run dir"),
     "pretrain": ("mtprl.pretrain.command", "pre-train the embedded default on generated traces (cached per config)"),
+    "probe": ("mtprl.probe.command", "finite-difference probe: the true effect of λ on J at a run's checkpoints"),
     "report": ("mtprl.report.command", "build a report folder (tables, claims, figures) from run directories"),
 }
 

@@ -62,7 +62,7 @@ def test_debug_shows_the_traceback(monkeypatch):
         main(["train", "--steps", "0"])
 
 
-@pytest.mark.parametrize("command", ["train", "pretrain", "compare", "demo", "report", "smoke"])
+@pytest.mark.parametrize("command", ["train", "pretrain", "compare", "demo", "report", "smoke", "probe"])
 def test_help_imports_no_torch(command, tmp_path):
     """Finding 7: `mtprl train --help` took 10-18 s because mtprl.train imported the whole trainer."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)

@@ -147,21 +147,50 @@ def half_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> t
             g_rl = _add(g_rl, _grads(loss_rl, shared))
             per_head = [_grads(h, shared) for h in heads]
             g_heads = per_head if g_heads is None else [_add(a, b) for a, b in zip(g_heads, per_head)]
-            with torch.no_grad():
-                for k in range(K):
-                    mask = mb.head_mask[k]
-                    delta = torch.where(mask, lp.log_probs.float() - mb.old_log_probs, 0.0)  # [B, T]
-                    mu = torch.where(mask, lp.mtp_log_probs[k].float() - mb.old_log_probs, 0.0)  # [B, T]
-                    for name, value in (("ratio", torch.where(mask, delta * mu / (mu.square() + cfg.occ_eps), 0.0)),
-                                        ("n", mask.float()), ("dm", delta * mu), ("mm", mu.square())):
-                        sums[f"{k}/{name}"] = sums.get(f"{k}/{name}", 0.0) + float(value.sum())
+            _add_proxy_sums(sums, lp, mb, cfg.occ_eps)
     if g_rl is None:  # this worker holds no row of the half: zero gradients, zero sums
         g_rl = [torch.zeros_like(p, dtype=torch.float32) for p in shared]
         g_heads = [[torch.zeros_like(p, dtype=torch.float32) for p in shared] for _ in range(K)]
-    sums = {f"{k}/{name}": sums.get(f"{k}/{name}", 0.0) for k in range(K) for name in ("ratio", "n", "dm", "mm")}
     dist.sum_(g_rl + [g for head in g_heads for g in head])
-    sums = {key: value * dist.world for key, value in dist.mean_values(sums).items()}
-    return g_rl, g_heads, sums
+    return g_rl, g_heads, _total_sums(sums, K, dist)
+
+
+_SUMS = ("ratio", "n", "dm", "mm")
+
+
+@torch.no_grad()
+def _add_proxy_sums(sums: dict[str, float], lp, mb: TrainBatch, eps: float) -> None:
+    """Add a micro-batch's OCC proxy sums per head k: Σ δμ/(μ²+ε), valid tokens, Σ δμ, Σ μ²."""
+    for k in range(mb.head_mask.shape[0]):
+        mask = mb.head_mask[k]
+        delta = torch.where(mask, lp.log_probs.float() - mb.old_log_probs, 0.0)  # [B, T]
+        mu = torch.where(mask, lp.mtp_log_probs[k].float() - mb.old_log_probs, 0.0)  # [B, T]
+        for name, value in (("ratio", torch.where(mask, delta * mu / (mu.square() + eps), 0.0)),
+                            ("n", mask.float()), ("dm", delta * mu), ("mm", mu.square())):
+            sums[f"{k}/{name}"] = sums.get(f"{k}/{name}", 0.0) + float(value.sum())
+
+
+def _total_sums(sums: dict[str, float], K: int, dist: Dist) -> dict[str, float]:
+    sums = {f"{k}/{name}": sums.get(f"{k}/{name}", 0.0) for k in range(K) for name in _SUMS}
+    return {key: value * dist.world for key, value in dist.mean_values(sums).items()}
+
+
+def proxy_estimates(sums: dict[str, float], k: int, eps: float) -> dict[str, float]:
+    """OCC's ĉ of head k under both estimators from `_add_proxy_sums` totals."""
+    return {"proxy_mean_ratio": sums[f"{k}/ratio"] / max(sums[f"{k}/n"], 1.0),
+            "proxy_ratio_of_sums": sums[f"{k}/dm"] / (sums[f"{k}/mm"] + eps)}
+
+
+@torch.no_grad()
+def proxy_of_rows(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> list[dict[str, float]]:
+    """Per head, OCC's ĉ (both estimators) over the tokens of rows `rows` at the current parameters."""
+    sums: dict[str, float] = {}
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+        mb = batch.select(mb_rows)
+        _add_proxy_sums(sums, response_log_probs(model, mb, cfg.temperature, mtp=True), mb, cfg.occ_eps)
+    K = batch.head_mask.shape[0]
+    totals = _total_sums(sums, K, dist)
+    return [proxy_estimates(totals, k, cfg.occ_eps) for k in range(K)]
 
 
 def _share(batch: TrainBatch, rows_a: Tensor, rows_b: Tensor, mask: Tensor, by_tokens: bool) -> float:
@@ -173,12 +202,14 @@ def _share(batch: TrainBatch, rows_a: Tensor, rows_b: Tensor, mask: Tensor, by_t
     return a / (a + b) if a + b > 0 else 0.5
 
 
-def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dist) -> dict[str, float]:
+def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dist,
+                  keep: dict | None = None) -> dict[str, float]:
     """`heldout/{k}/...` on the whole rollout batch split by prompt group (module docstring); {} with one group.
 
     Keys per head: the `split_half_terms` keys (the preconditioned ones once the optimiser has a second
     moment), `proxy_mean_ratio` and `proxy_ratio_of_sums` (OCC's ĉ over all the batch's tokens of the
-    head at the current parameters), and `heldout/lr` (η of λ*).
+    head at the current parameters), and `heldout/lr` (η of λ*). A `keep` dict receives the whole batch's
+    per-head MTP gradients (`mtp`: [K][params]) and the preconditioner (`precond`, None before the first step).
     """
     halves = split_groups(batch.size, cfg.group_size, cfg.seed, step)
     if halves is None:
@@ -195,8 +226,10 @@ def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dis
     for k, (m_a, m_b) in enumerate(zip(heads_a, heads_b)):
         w_mtp = _share(batch, rows_a, rows_b, batch.head_mask[k], by_tokens)
         terms = split_half_terms(rl_a, rl_b, m_a, m_b, (w_rl, w_mtp), precond=precond, lr=lr, eps=cfg.occ_eps)
-        total = {name: sums_a[f"{k}/{name}"] + sums_b[f"{k}/{name}"] for name in ("ratio", "n", "dm", "mm")}
-        terms["proxy_mean_ratio"] = total["ratio"] / max(total["n"], 1.0)
-        terms["proxy_ratio_of_sums"] = total["dm"] / (total["mm"] + cfg.occ_eps)
+        terms.update(proxy_estimates({key: sums_a[key] + sums_b[key] for key in sums_a}, k, cfg.occ_eps))
         out.update({f"heldout/{k}/{name}": value for name, value in terms.items()})
+        if keep is not None:
+            keep.setdefault("mtp", []).append([w_mtp * a + (1 - w_mtp) * b for a, b in zip(m_a, m_b)])
+    if keep is not None:
+        keep["precond"] = precond
     return out
