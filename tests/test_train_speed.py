@@ -109,20 +109,19 @@ def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
     batch = dataclasses.replace(batch, advantages=torch.randn(batch.size, generator=g))
     prepare_log_probs(model, None, batch, cfg, 1, Dist())
     sorted_cfg = dataclasses.replace(cfg, sort_micro_batches=True)
-    plain = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)
-    ordered = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0, sort_lengths(batch, sorted_cfg))
-    assert sort_lengths(batch, cfg) is None
-    slots = {}
-    for name, layout in (("plain", plain), ("sorted", ordered)):
-        slots[name] = sum(batch.select(mb).input_ids.numel() for rows in layout
-                          for mb in micro_batches(rows, Dist(), cfg.micro_batch_size))
+    lengths = sort_lengths(batch, sorted_cfg)
+    assert sort_lengths(batch, cfg) is None and torch.equal(lengths, batch.response_mask.sum(1))
+    rows = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)[1]
+    plain, ordered = micro_batches(rows, Dist(), 4), micro_batches(rows, Dist(), 4, lengths)
+    assert sorted(torch.cat(ordered).tolist()) == sorted(rows.tolist())  # the same mini-batch, cut otherwise
+    slots = {name: sum(batch.select(mb).input_ids.numel() for mb in layout)
+             for name, layout in (("plain", plain), ("sorted", ordered))}
     assert slots["sorted"] < slots["plain"]  # the option does something: fewer padded slots
     out = {}
-    for name, layout in (("plain", plain), ("sorted", ordered)):
+    for name, c in (("plain", cfg), ("sorted", sorted_cfg)):
         m = copy.deepcopy(model)
         apply_regime(m, regime)
-        assert sorted(layout[1].tolist()) == sorted(plain[1].tolist())  # same mini-batch, other order
-        metrics = accumulate_gradients(m, batch, layout[1], cfg, Dist())
+        metrics = accumulate_gradients(m, batch, rows, c, Dist())
         out[name] = (metrics, _grads(m))
     (m0, g0), (m1, g1) = out["plain"], out["sorted"]
     assert m1["pg/loss"] == pytest.approx(m0["pg/loss"], rel=1e-5, abs=1e-8)

@@ -116,27 +116,25 @@ class Counts:
         return cls(tokens.clamp(min=1), seqs.clamp(min=1), head_tokens.clamp(min=1), head_seqs.clamp(min=1))
 
 
-def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int,
-                   lengths: Tensor | None = None) -> list[Tensor]:
-    """Global row indices of each mini-batch of epoch `epoch` of step `step` (a seeded shuffle).
-
-    With `lengths` [n], each mini-batch keeps its rows but lists them by length (stable), so that the
-    micro-batches cut from it hold rows of similar length and carry less padding.
-    """
+def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int) -> list[Tensor]:
+    """Global row indices of each mini-batch of epoch `epoch` of step `step` (a seeded shuffle)."""
     generator = torch.Generator().manual_seed(derive_seed("minibatches", seed, step, epoch))
-    chunks = list(torch.randperm(n, generator=generator).chunk(mini_batches))
-    if lengths is None:
-        return chunks
-    return [rows[torch.sort(lengths[rows], stable=True).indices] for rows in chunks]
+    return list(torch.randperm(n, generator=generator).chunk(mini_batches))
 
 
 def sort_lengths(batch: "TrainBatch", cfg) -> Tensor | None:
-    """The response lengths [N] to order mini-batches by under `cfg.sort_micro_batches`, else None."""
+    """The response lengths [N] that `micro_batches` orders rows by under `cfg.sort_micro_batches`, else None."""
     return batch.response_mask.sum(1) if getattr(cfg, "sort_micro_batches", False) else None
 
 
-def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int) -> list[Tensor]:
-    """This worker's share of a mini-batch's rows, cut into micro-batches."""
+def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int, lengths: Tensor | None = None) -> list[Tensor]:
+    """This worker's share of a mini-batch's rows, cut into micro-batches.
+
+    With `lengths` [N] (see `sort_lengths`), the mini-batch's rows are first listed by length
+    (stable), so that each micro-batch holds rows of similar length and carries less padding.
+    """
+    if lengths is not None:
+        rows = rows[torch.sort(lengths[rows], stable=True).indices]
     return list(rows[dist.share(len(rows))].split(micro_batch_size))
 
 

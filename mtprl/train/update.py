@@ -53,8 +53,8 @@ def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist:
     """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
     (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
     lengths = sort_lengths(batch, cfg)
-    layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0, lengths)
-              for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
+    layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
+              for mb in micro_batches(rows, dist, cfg.micro_batch_size, lengths)]
     if getattr(cfg, "reuse_rollout_log_probs", False):
         if batch.rollout_log_probs is None:
             raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
@@ -153,7 +153,7 @@ def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
     `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers)."""
     counts = Counts.of(batch, rows)
     sums = MetricSums()
-    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, sort_lengths(batch, cfg)):
         mb = batch.select(mb_rows)
         loss, metrics = microbatch_loss(model, mb, cfg, counts)
         loss.backward()
@@ -167,11 +167,9 @@ def minibatch_update(model, optimizer, scheduler, batch: TrainBatch, rows: Tenso
     return {**metrics, **_step(model, optimizer, scheduler, cfg, dist)}
 
 
-def update_plan(n: int, cfg, step: int, lengths: Tensor | None = None) -> list[tuple[Tensor, bool]]:
-    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches.
-    `lengths`: see `minibatch_rows` (the `sort_micro_batches` option)."""
-    plan = [rows for epoch in range(cfg.epochs)
-            for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch, lengths)]
+def update_plan(n: int, cfg, step: int) -> list[tuple[Tensor, bool]]:
+    """(rows, is the last update) of every optimiser step of rollout batch `step`, in order: epochs × mini-batches."""
+    plan = [rows for epoch in range(cfg.epochs) for rows in minibatch_rows(n, cfg.mini_batches, cfg.seed, step, epoch)]
     return [(rows, i == len(plan) - 1) for i, rows in enumerate(plan)]
 
 
@@ -184,7 +182,7 @@ def train_on_batch(model, optimizer, scheduler, batch: TrainBatch, cfg, step: in
     micro-batch (`exact/{k}/...`) and held-out on the whole batch split by prompt group (`heldout/...`).
     """
     per_minibatch, exact_metrics = [], {}
-    for rows, last in update_plan(batch.size, cfg, step, sort_lengths(batch, cfg)):
+    for rows, last in update_plan(batch.size, cfg, step):
         if exact and last:
             exact_metrics = {**exact_terms(model, batch, rows, cfg, dist),
                              **heldout_terms(model, optimizer, batch, cfg, step, dist)}
