@@ -129,6 +129,9 @@ class TrainConfig:
     project: str = opt("mtprl", "tracker project name")
     progress: bool = opt(True, "show a progress bar (step, reward, accuracy, λ)")
     seed: int = opt(0, "seed of prompts, sampling and shuffling: same seed, same run")
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "with several processes: ddp (a full copy of the model, its gradients "
+                                                 "and AdamW state per worker) or fsdp (FSDP2: all three sharded over the "
+                                                 "workers; sharded checkpoints); an accelerate FSDP config selects fsdp")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: CUDA when available, else CPU")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "precision of the model weights in training (bfloat16: "
                                                            "AdamW updates the bf16 weights directly)")
@@ -158,6 +161,10 @@ class TrainConfig:
                                             f"regimes); got {self.regime!r}")
         if self.num_mtp_layers is not None:
             require(self.num_mtp_layers >= 1, f"num_mtp_layers must be >= 1 or null, got {self.num_mtp_layers}")
+        if self.parallel == "fsdp":
+            require(not MTP_REGIMES[self.regime].needs_exact_slopes,
+                    f"regime {self.regime} takes gradients of the shared parameters with torch.autograd.grad in "
+                    "every micro-batch, which sharded (FSDP) parameters do not support; use parallel: ddp")
 
     def _validate_optimisation(self) -> None:
         require(self.lr >= 0, f"lr must be >= 0 (the learning rate), got {self.lr}")
@@ -227,7 +234,7 @@ class TrainConfig:
 # Settings that do not change a run's result (its metrics, apart from timings, and its weights): a run
 # may be resumed, or re-used by `mtprl compare`, with other values of these. Every other field counts.
 NOT_RESULT_AFFECTING = frozenset({"resume", "progress", "overwrite", "output_dir", "log_with", "project",
-                                  "save_every", "keep_checkpoints"})
+                                  "save_every", "keep_checkpoints", "parallel"})
 
 
 def result_differences(recorded: dict, cfg: TrainConfig) -> list[str]:

@@ -29,6 +29,8 @@ from mtprl.train.batch import (
 )
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms, heldout_terms
+from mtprl.train.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
+from mtprl.train.fsdp import is_sharded
 
 
 def trainable(model) -> tuple[list[Tensor], list[Tensor]]:
@@ -133,15 +135,22 @@ class MetricSums:
 
 
 def _step(model, optimizer, scheduler, cfg, dist: Dist) -> dict[str, float]:
-    """Sum gradients over workers, clip shared and MTP-only parameters separately, AdamW step."""
+    """Sum gradients over workers, clip shared and MTP-only parameters separately, AdamW step.
+
+    Sharded (FSDP2): the backward passes have already summed the gradients into each rank's shard,
+    and the norms are reduced over the shards (`fsdp.clip_grad_norm_`)."""
     shared, mtp = trainable(model)
     for p in shared + mtp:
         if p.grad is None:  # unreached in this mini-batch: a zero gradient, the same on every worker
             p.grad = torch.zeros_like(p)
-    dist.sum_([p.grad for p in shared + mtp])
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    out = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(shared, max_norm)), "lr": scheduler.get_last_lr()[0],
-           "mtp/grad_norm": float(torch.nn.utils.clip_grad_norm_(mtp, max_norm)) if mtp else 0.0}  # 0: none trains
+    if is_sharded(model):
+        clip = fsdp_clip_grad_norm_
+    else:
+        dist.sum_([p.grad for p in shared + mtp])
+        clip = torch.nn.utils.clip_grad_norm_
+    out = {"grad_norm": float(clip(shared, max_norm)), "lr": scheduler.get_last_lr()[0],
+           "mtp/grad_norm": float(clip(mtp, max_norm)) if mtp else 0.0}  # 0: none trains
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
