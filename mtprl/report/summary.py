@@ -2,7 +2,8 @@
 
 Layout of the dict returned by `summarize` (and written to summary.json):
   runs       one entry per run: path, regime, seed, finished, final_step, steps, wall_time, ...
-  regimes    regime names in display order; suites, metrics (headline first), headline
+  regimes    regime names in display order (a swept regime's runs as λ₀ arms REGIME@λ₀, see
+             load.label_arms); base_coef the base λ₀; suites, metrics (headline first), headline
   accuracy   {metric: {regime: {column: stat}}}, columns = suites + ["avg"]
   extras     {regime: {"eval/mtp_accept" | "eval/mtp_top1" | "wall_time": stat}}
   paired     {metric: {regime: {column: comparison}}} against `detach`, matched by seed
@@ -28,7 +29,7 @@ from typing import Any
 from mtprl.report.base import Base, problem_difference, run_gain, run_problem_results
 from mtprl.report.claims import evaluate_claims
 from mtprl.report.keys import AVG, MTP_EVAL_KEYS, eval_value, suites_and_metrics
-from mtprl.report.load import Run, number
+from mtprl.report.load import Run, number, reference_coef
 from mtprl.report.stats import describe, paired_comparison
 from mtprl.tasks.scoring import average_of_suites
 
@@ -38,12 +39,21 @@ WALL_TIME = "wall_time"
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs by regime, regimes in REGIME_ORDER then any others alphabetically, runs by seed."""
+    """Runs by regime (λ₀ arm), regimes in REGIME_ORDER then any others alphabetically, runs by seed."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.regime, []).append(run)
     rank = {name: i for i, name in enumerate(REGIME_ORDER)}
-    ordered = sorted(groups, key=lambda name: (rank.get(name, len(rank)), name))
+
+    def order(name: str):  # λ₀ arms REGIME@λ₀ beside their regime, by λ₀
+        regime, _, coef = name.partition("@")
+        try:
+            value = float(coef) if coef else -math.inf
+        except ValueError:
+            value = math.inf
+        return rank.get(regime, len(rank)), regime, value, name
+
+    ordered = sorted(groups, key=order)
     return {name: sorted(groups[name], key=lambda run: str(run.seed)) for name in ordered}
 
 
@@ -153,6 +163,7 @@ def summarize(runs: Sequence[Run], base: Base | None = None) -> dict[str, Any]:
         "runs": [_run_entry(run) for g in groups.values() for run in g],
         "regimes": list(groups),
         "reference": REFERENCE,
+        "base_coef": reference_coef(runs),
         "suites": suites,
         "metrics": metrics,
         "headline": metrics[0] if metrics else None,
