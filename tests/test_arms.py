@@ -91,3 +91,21 @@ def test_claim_5_uses_the_probe_when_a_run_was_probed():
     assert claim["verdict"] == "not reproduced" and "sign agreement 0.00" in claim["explanation"]
     claim = {c["id"]: c for c in summarize([make_run("occ", 0, 0.5, probe=probe_rows(tracking[:2]))])["claims"]}[5]
     assert claim["verdict"] == "not measurable (missing data)"
+
+
+def test_a_swept_reference_keeps_its_base_arm_as_the_reference():
+    runs = [make_run("detach", 0, 0.5, coef=0.1), make_run("detach", 0, 0.4, coef=1.0), make_run("occ", 0, 0.6)]
+    label_arms(runs)
+    assert [r.regime for r in runs] == ["detach", "detach@1", "occ"]
+    assert summarize(runs)["paired"]["avg@4"]["detach@1"]["avg"]["mean"] == pytest.approx(-0.1)
+
+
+def test_mtp_head_over_training_first_and_last_values():
+    train = [{"kind": "train", "step": s, "mtp/0/top1": v} for s, v in ((1, 0.9), (2, 0.85), (3, 0.8))]
+    runs = [make_run("occ", 0, 0.5, train=train), make_run("occ", 1, 0.5, train=train[:2])]
+    track = summarize(runs)["mtp_over_training"]["occ"]["mtp/0/top1"]
+    assert (track["first"], track["last"], track["first_step"], track["last_step"], track["seeds"]) == (
+        0.9, pytest.approx(0.825), 1, 3, 2)
+    from mtprl.report.markdown import render_report
+
+    assert "| occ | teacher-forced top-1, head 0 (train) | 0.900 (1) | 0.825 (3) | 2 |" in render_report(summarize(runs))

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from mtprl.report.keys import AVG, eval_value, head_indices
-from mtprl.report.load import Run, arm_label, number
+from mtprl.report.load import Run, arm_label, base_regime, number
 from mtprl.report.probe import agreement
 from mtprl.report.series import Series, align
 from mtprl.report.stats import BETTER, WITHIN_NOISE, WORSE, pearson, pearson_p, spearman
@@ -230,12 +230,12 @@ def claim_policy_terms(groups: dict[str, list[Run]], policy: str = "policy") -> 
 
 
 def proxy_pairs(groups: dict[str, list[Run]]) -> dict[str, tuple[list[float], list[float]]]:
-    """regime -> (exact slopes, proxy ĉ) over the exact rows, all heads, of the OCC regimes."""
+    """regime (or λ₀ arm) -> (exact slopes, proxy ĉ) over the exact rows, all heads, of the OCC regimes."""
     out: dict[str, tuple[list[float], list[float]]] = {}
-    for regime in OCC_REGIMES:
+    for regime in [name for name in groups if base_regime(name) in OCC_REGIMES]:
         slopes: list[float] = []
         proxies: list[float] = []
-        for run in groups.get(regime, []):
+        for run in groups[regime]:
             for head in head_indices(run.train, "exact", "slope"):
                 for row in run.train:
                     slope, proxy = number(row, f"exact/{head}/slope"), number(row, f"exact/{head}/proxy_c_hat")

@@ -247,17 +247,23 @@ def arm_label(regime: str, coef: float) -> str:
     return f"{regime}@{coef:g}"
 
 
+def base_regime(name: str) -> str:
+    """The regime of a group name: `occ` for the arm `occ@1` and for `occ` itself."""
+    return name.partition("@")[0]
+
+
 def label_arms(runs: list[Run]) -> None:
     """λ₀ arms: every run of a regime whose runs have several mtp_coef values, or another one than the base
     λ₀ (`reference_coef`), is labelled REGIME@λ₀ in `run.regime` (its config keeps the regime name); the
-    others keep the plain regime name."""
+    others keep the plain regime name, and so do the reference's (detach's) runs at the base λ₀, which
+    every arm is compared with."""
     base = reference_coef(runs)
     by_regime: dict[str, set] = {}
     for run in runs:
         by_regime.setdefault(run.regime, set()).add(_coef(run))
     swept = {regime for regime, coefs in by_regime.items() if None not in coefs and coefs != {base}}
     for run in runs:
-        if run.regime in swept:
+        if run.regime in swept and not (run.regime == REFERENCE_REGIME and _coef(run) == base):
             run.regime = arm_label(run.regime, _coef(run))
 
 
