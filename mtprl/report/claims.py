@@ -49,6 +49,7 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 NOT_MEASURABLE = "not measurable (missing data)"
 OCC_REGIMES = ("occ", "occ-exact")
+CLAIM_REGIMES = ("occ", "ce", "policy")  # the regimes claims (1)/(2)/(3)-(4) are about
 DECAY = 0.5  # claim 4: the late correlation term must fall below half its early value
 PERSIST = 0.5  # claim 4: the late penalty must keep at least half its early value
 MIN_R = 0.5  # claim 5: minimum Pearson r
@@ -307,7 +308,7 @@ def claim_proxy_tracks(groups: dict[str, list[Run]]) -> dict[str, Any]:
 def evaluate_claims(groups: dict[str, list[Run]], summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Claims (1)–(5) in order; `summary` needs reference, regimes, headline, suites and paired."""
     base = summary.get("base_coef")
-    occ, ce, policy = (group_name(groups, name, base) for name in ("occ", "ce", "policy"))
+    occ, ce, policy = (group_name(groups, name, base) for name in CLAIM_REGIMES)
     return [
         _versus_reference(summary, 1, occ, "occ matches or beats detach", want_worse=False),
         _versus_reference(summary, 2, ce, "ce falls below detach", want_worse=True),
