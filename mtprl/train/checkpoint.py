@@ -7,6 +7,13 @@ Layout of one checkpoint:
     rng-rank{r}.json     python / torch / CUDA RNG states of worker r
     MANIFEST.json        every other file's relative path, size and SHA-256, written after them
     COMPLETE             written last
+A sharded run (`parallel: fsdp`) writes instead of `optimizer.pt` and the model weights:
+    dcp/                 model and AdamW state through torch.distributed.checkpoint, every rank
+                         writing its own shards (resumable on any number of processes: DCP reshards)
+    model/               the Hugging Face-layout export, streamed from the shards (`mtprl.train.export`)
+Such a checkpoint resumes under either `parallel` setting: the model is built from the run's base
+and the DCP state loaded into it, sharded or whole.
+
 Writing: everything goes to a hidden `.tmp-step-XXXXXXXX/` directory, the manifest records it,
 every file is fsync'd, the directory is renamed to its final name, and only then `COMPLETE` is
 written (and fsync'd). A crash at any point leaves either no directory under the final name or
@@ -204,23 +211,56 @@ def resumable_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     return None, []
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether checkpoint `path` holds torch.distributed.checkpoint shards (a `parallel: fsdp` run's)."""
+    return (path / "dcp").is_dir()
+
+
+def _save_sharded(directory: Path, model, optimizer) -> None:
+    """Model and optimiser state through DCP, each rank writing its shards (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded_state(path: Path, model, optimizer) -> None:
+    """Load a sharded checkpoint's model and optimiser state into `model` (sharded or whole) and `optimizer`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict[str, Any],
-                    dist: Dist, keep: int = 0) -> Path | None:
+                    dist: Dist, keep: int = 0, export_dtype: torch.dtype | None = None) -> Path | None:
     """Write checkpoint `step` atomically (collective: every worker calls it); returns its path on rank 0.
 
     `state` holds the JSON-serialisable trainer state (step, data position, config, ...). `keep` > 0
-    removes all but the newest `keep` complete checkpoints afterwards.
+    removes all but the newest `keep` complete checkpoints afterwards. Under `dist.parallel == "fsdp"`
+    the checkpoint is sharded (module docstring); `export_dtype` is the dtype of its HF export.
     """
     tmp, final = root / f".tmp-{checkpoint_name(step)}", root / checkpoint_name(step)
+    sharded = getattr(dist, "parallel", "ddp") == "fsdp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     _write_json(tmp / f"rng-rank{dist.rank}.json", rng_state())
+    if sharded:
+        from mtprl.train.export import export_hf
+
+        _save_sharded(tmp / "dcp", model, optimizer)
+        export_hf(model, tmp / "model", tokenizer=tokenizer, dtype=export_dtype, is_main=dist.is_main)
     dist.barrier()
     if dist.is_main:
-        model.save_pretrained(tmp / "model", tokenizer=tokenizer)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            model.save_pretrained(tmp / "model", tokenizer=tokenizer)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         full_state = {**state, "scheduler": scheduler.state_dict(), "world_size": dist.world}
         _write_json(tmp / "trainer_state.json", full_state)
         write_manifest(tmp)  # every file now under tmp, from every rank (the barrier above): see the docstring
@@ -239,11 +279,12 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
     return final if dist.is_main else None
 
 
-def load_trainer_state(path: Path, optimizer, scheduler, dist: Dist) -> dict[str, Any]:
+def load_trainer_state(path: Path, optimizer, scheduler, dist: Dist, model=None) -> dict[str, Any]:
     """Restore optimizer, scheduler and this worker's RNG states from checkpoint `path`; return the state.
 
-    The model weights are read separately (`MTPCausalLM.from_pretrained(path / "model")`); call
-    `verify_checkpoint(path)` before either.
+    The model weights are read separately (`MTPCausalLM.from_pretrained(path / "model")`), except from
+    a sharded checkpoint, whose model state is loaded here into `model`; call `verify_checkpoint(path)`
+    before either.
     """
     if not (path / MARKER).is_file():
         raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): it was being written "
@@ -253,7 +294,13 @@ def load_trainer_state(path: Path, optimizer, scheduler, dist: Dist) -> dict[str
         rank_file = path / "rng-rank0.json"
     else:
         rank_file = path / f"rng-rank{dist.rank}.json"
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dist.device, weights_only=True))
+    if is_sharded_checkpoint(path):
+        load_sharded_state(path, model, optimizer)
+    elif getattr(dist, "parallel", "ddp") == "fsdp":
+        raise CheckpointError(f"checkpoint '{path}' was written by a data-parallel run (one optimizer.pt), which a "
+                              "sharded run cannot load; resume it with parallel: ddp")
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dist.device, weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(json.loads(rank_file.read_text()))
     return state

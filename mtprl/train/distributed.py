@@ -8,8 +8,10 @@ gradient of the whole mini-batch, so N workers take the same step as one process
 not wrap the model in `DistributedDataParallel`: its hooks expect the module's `forward`, while
 training calls `token_log_probs` and, for the exact diagnostics, `torch.autograd.grad`. The
 process group itself comes from `accelerate` (`accelerate launch --multi_gpu`, or any
-torchrun-style environment); with one process every collective is a no-op. Sharded training
-(FSDP, DeepSpeed ZeRO) is not supported: a launch configured for it is refused with a message.
+torchrun-style environment); with one process every collective is a no-op.
+
+Sharded training (`parallel: fsdp`, FSDP2) is built in `mtprl.train.fsdp`; an accelerate FSDP
+config selects it too (`Dist.parallel`). DeepSpeed and Megatron launches are refused with a message.
 """
 
 from __future__ import annotations
@@ -20,18 +22,43 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate modes that shard the model: not supported
+UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM")  # accelerate modes mtprl does not train under
+
+
+def _fsdp_plugin_problem(plugin) -> str | None:
+    """What an accelerate FSDP config asks for that mtprl's own FSDP2 wrapping does not do, or None."""
+    if plugin is None:
+        return None
+    if getattr(plugin, "cpu_offload", None) and getattr(plugin.cpu_offload, "offload_params", plugin.cpu_offload):
+        return "CPU offload (fsdp_offload_params)"
+    if getattr(plugin, "activation_checkpointing", False):
+        return "activation checkpointing (fsdp_activation_checkpointing)"
+    strategy = str(getattr(plugin, "sharding_strategy", None) or "")
+    if getattr(plugin, "fsdp_version", 2) == 1 and strategy and "FULL_SHARD" not in strategy:
+        return f"sharding strategy {strategy.split('.')[-1]}"
+    if getattr(plugin, "fsdp_version", 1) == 2 and getattr(plugin, "reshard_after_forward", True) is False:
+        return "reshard_after_forward: false"
+    return None
 
 
 class Dist:
-    """Rank, world size and collectives; built from an `accelerate.Accelerator` (or defaults: 1 process)."""
+    """Rank, world size, collectives and the parallelism (`ddp` / `fsdp`); built from an
+    `accelerate.Accelerator` (or defaults: 1 process)."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, parallel: str = "ddp"):
         kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
-        if kind in SHARDED:
-            raise RuntimeError(f"accelerate is configured for {kind}, which `mtprl train` does not support: it trains "
-                               "data-parallel with a full copy of the model per worker (DDP maths). Launch with "
-                               "`accelerate launch --multi_gpu --num_processes N` instead")
+        if kind in UNSUPPORTED:
+            raise RuntimeError(f"accelerate is configured for {kind}, which `mtprl train` does not support. For sharded "
+                               "training launch with an FSDP config or `--parallel fsdp` (FSDP2); for data parallelism "
+                               "`accelerate launch --multi_gpu --num_processes N`")
+        if kind == "FSDP":  # an accelerate FSDP config: our own FSDP2 wrapping (mtprl.train.fsdp), not prepare()
+            problem = _fsdp_plugin_problem(getattr(getattr(accelerator, "state", None), "fsdp_plugin", None))
+            if problem:
+                raise RuntimeError(f"the accelerate FSDP config asks for {problem}, which mtprl's FSDP2 wrapping does "
+                                   "not do (it shards every decoder layer fully, parameters in GPU memory, mixed "
+                                   "precision from --dtype); remove that setting from the config")
+            parallel = "fsdp"
+        self.parallel = parallel
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -130,8 +157,9 @@ def describe_launch(dist: Dist) -> str:
     """One line: processes, backend, device and CPU threads, as this run really has them."""
     backend = torch_dist.get_backend() if torch_dist.is_available() and torch_dist.is_initialized() else "none"
     processes = "1 process" if dist.world == 1 else f"{dist.world} processes"
+    sharded = ", parameters, gradients and AdamW state sharded (FSDP2)" if dist.parallel == "fsdp" else ""
     return (f"{processes} (world size {dist.world}, process-group backend {backend}), device {dist.device}, "
-            f"{torch.get_num_threads()} torch thread(s) per process")
+            f"{torch.get_num_threads()} torch thread(s) per process{sharded}")
 
 
 def launch_mismatch(world: int, env: dict[str, str] | None = None) -> str | None:

@@ -30,11 +30,12 @@ import torch
 from mtprl.config import ConfigError, config_to_dict
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
-from mtprl.train.checkpoint import load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import is_sharded_checkpoint, load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
 from mtprl.train.evaluate import evaluate, write_problem_results
+from mtprl.train.fsdp import check_sharded_run, ensure_process_group, gathered, release_process_group, shard_model
 from mtprl.train.metrics import MetricsLog, Progress
 from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
@@ -53,8 +54,12 @@ def base_model_path(cfg: TrainConfig) -> Path:
 
 
 def load_model(path: Path, cfg: TrainConfig, device: torch.device):
-    """(MTPCausalLM on `device` in the training dtype, tokenizer) from a checkpoint directory."""
-    model = MTPCausalLM.from_pretrained(path, num_mtp_layers=cfg.num_mtp_layers, dtype=DTYPES[cfg.dtype])
+    """(MTPCausalLM on `device` in the training dtype, tokenizer) from a checkpoint directory.
+
+    Sharded runs keep float32 weights (the master copy; bfloat16 is then the compute dtype, `mtprl.train.fsdp`).
+    """
+    dtype = torch.float32 if cfg.parallel == "fsdp" else DTYPES[cfg.dtype]
+    model = MTPCausalLM.from_pretrained(path, num_mtp_layers=cfg.num_mtp_layers, dtype=dtype)
     tokenizer = load_tokenizer(path)
     return model.to(device).eval(), tokenizer
 
@@ -67,8 +72,13 @@ def _accelerator(cfg: TrainConfig, run_dir: Path):
     return Accelerator(cpu=cpu, log_with=log_with, project_dir=str(run_dir))
 
 
-def _check_world(cfg: TrainConfig, world: int) -> None:
-    """Every worker needs at least one prompt, one eval problem and one row of every mini-batch."""
+def _check_world(cfg: TrainConfig, dist: Dist) -> None:
+    """Every worker needs at least one prompt, one eval problem and one row of every mini-batch (sharded:
+    the same number of rows)."""
+    world = dist.world
+    problem = check_sharded_run(cfg, world, dist.device) if dist.parallel == "fsdp" else None
+    if problem:
+        raise ConfigError(problem)
     rows = cfg.prompts_per_step * cfg.group_size // cfg.mini_batches
     for name, value in (("prompts_per_step", cfg.prompts_per_step), ("eval_limit", cfg.eval_limit),
                         ("rows per mini-batch (prompts_per_step × group_size / mini_batches)", rows)):
@@ -88,7 +98,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[ProblemStream, RewardFn, dict]:
     return build_problems(cfg)
 
 
-def _announce(dist: Dist, run_dir: Path) -> None:
+def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
     """Say how the run was really launched (and loudly when the environment asked for something else)."""
     if not dist.is_main:
         return
@@ -96,6 +106,9 @@ def _announce(dist: Dist, run_dir: Path) -> None:
     mismatch = launch_mismatch(dist.world)
     if mismatch:
         print(f"mtprl train: WARNING: {mismatch}", file=sys.stderr, flush=True)
+    if dist.parallel == "fsdp" and exact_every > 0:
+        print("mtprl train: note: sharded (parallel: fsdp), every exact_every steps logs the same-batch exact/ "
+              "terms but not the held-out heldout/ ones (those need parallel: ddp)", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -121,17 +134,21 @@ class Run:
 
     def step(self, step: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
-        batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step, self.dist)
+        with gathered(self.model):  # sharded: every layer whole once, not per decoding step
+            batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step,
+                                           self.dist)
         t1 = time.perf_counter()
-        prepare_log_probs(self.model, self.ref_model, batch, cfg, step, self.dist)
+        with gathered(self.model), gathered(self.ref_model):
+            prepare_log_probs(self.model, self.ref_model, batch, cfg, step, self.dist)
         exact = cfg.exact_every > 0 and (step - 1) % cfg.exact_every == 0
         metrics.update(train_on_batch(self.model, self.optimizer, self.scheduler, batch, cfg, step, self.dist, exact))
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
         return self.log.log("train", step, self.now(), metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        values, per_problem = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step,
-                                       self.dist)
+        with gathered(self.model):
+            values, per_problem = evaluate(self.model, self.tokenizer, self.suites, self.reward_fn, self.cfg, step,
+                                           self.dist)
         if self.dist.is_main:
             write_problem_results(self.run_dir, step, per_problem)
         return self.log.log("eval", step, self.now(), values)
@@ -141,7 +158,7 @@ class Run:
                  "config": config_to_dict(self.cfg)}
         save_checkpoint(self.run_dir / "checkpoints", step, model=self.model, tokenizer=self.tokenizer,
                         optimizer=self.optimizer, scheduler=self.scheduler, state=state, dist=self.dist,
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, export_dtype=DTYPES[self.cfg.dtype])
 
 
 def _plan(cfg: TrainConfig, run_dir: Path, dist: Dist, lock: RunLock) -> StartPlan:
@@ -165,21 +182,28 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     run_dir = Path(cfg.output_dir)
     stream, reward_fn, suites = check_inputs(cfg)
     accelerator = _accelerator(cfg, run_dir)
-    dist = Dist(accelerator)
-    _announce(dist, run_dir)
-    _check_world(cfg, dist.world)
+    dist = Dist(accelerator, cfg.parallel)
+    _announce(dist, run_dir, cfg.exact_every)
+    _check_world(cfg, dist)
     plan = _plan(cfg, run_dir, dist, lock)
     base = base_model_path(cfg)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
-    model, tokenizer = load_model(plan.resume_from / "model" if plan.resume_from else base, cfg, dist.device)
+    cfg = dataclasses.replace(cfg, parallel=dist.parallel)  # an accelerate FSDP config selects it too
+    whole = plan.resume_from is not None and not is_sharded_checkpoint(plan.resume_from)  # else DCP state below
+    model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
     apply_regime(model, cfg.regime)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
+    if cfg.parallel == "fsdp":
+        ensure_process_group(dist.device)
+        for module in (model, ref_model):
+            if module is not None:
+                shard_model(module, dist.device, bf16_compute=cfg.dtype == "bfloat16")
     optimizer, scheduler = build_optimizer(model, cfg)
     done, elapsed = 0, 0.0
     if plan.resume_from is not None:
-        state = load_trainer_state(plan.resume_from, optimizer, scheduler, dist)
+        state = load_trainer_state(plan.resume_from, optimizer, scheduler, dist, model=model)
         done, elapsed = int(state["step"]), float(state["elapsed"])
         stream.seek(int(state["data_position"]))
     if dist.is_main:
@@ -203,6 +227,7 @@ def train(cfg: TrainConfig) -> Path:
         _loop(run, done)
     finally:
         lock.release()
+        release_process_group()
     return run.run_dir
 
 

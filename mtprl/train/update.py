@@ -24,9 +24,13 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
-from mtprl.train.batch import Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
+from mtprl.train.batch import (
+    Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs, sort_lengths,
+)
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms, heldout_terms
+from mtprl.train.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
+from mtprl.train.fsdp import is_sharded
 
 
 def trainable(model) -> tuple[list[Tensor], list[Tensor]]:
@@ -50,8 +54,9 @@ def build_optimizer(model, cfg):
 def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
     """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
     (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
+    lengths = sort_lengths(batch, cfg)
     layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
-              for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
+              for mb in micro_batches(rows, dist, cfg.micro_batch_size, lengths)]
     if getattr(cfg, "reuse_rollout_log_probs", False):
         if batch.rollout_log_probs is None:
             raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
@@ -130,15 +135,22 @@ class MetricSums:
 
 
 def _step(model, optimizer, scheduler, cfg, dist: Dist) -> dict[str, float]:
-    """Sum gradients over workers, clip shared and MTP-only parameters separately, AdamW step."""
+    """Sum gradients over workers, clip shared and MTP-only parameters separately, AdamW step.
+
+    Sharded (FSDP2): the backward passes have already summed the gradients into each rank's shard,
+    and the norms are reduced over the shards (`fsdp.clip_grad_norm_`)."""
     shared, mtp = trainable(model)
     for p in shared + mtp:
         if p.grad is None:  # unreached in this mini-batch: a zero gradient, the same on every worker
             p.grad = torch.zeros_like(p)
-    dist.sum_([p.grad for p in shared + mtp])
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    out = {"grad_norm": float(torch.nn.utils.clip_grad_norm_(shared, max_norm)), "lr": scheduler.get_last_lr()[0],
-           "mtp/grad_norm": float(torch.nn.utils.clip_grad_norm_(mtp, max_norm)) if mtp else 0.0}  # 0: none trains
+    if is_sharded(model):
+        clip = fsdp_clip_grad_norm_
+    else:
+        dist.sum_([p.grad for p in shared + mtp])
+        clip = torch.nn.utils.clip_grad_norm_
+    out = {"grad_norm": float(clip(shared, max_norm)), "lr": scheduler.get_last_lr()[0],
+           "mtp/grad_norm": float(clip(mtp, max_norm)) if mtp else 0.0}  # 0: none trains
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -150,7 +162,7 @@ def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
     `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers)."""
     counts = Counts.of(batch, rows)
     sums = MetricSums()
-    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, sort_lengths(batch, cfg)):
         mb = batch.select(mb_rows)
         loss, metrics = microbatch_loss(model, mb, cfg, counts)
         loss.backward()

@@ -1,0 +1,221 @@
+"""`parallel: fsdp`: 2 CPU processes (gloo, torchrun) with FSDP2 take the steps 1 process takes.
+
+The slow test launches this file under `torchrun --nproc_per_node 2`. Each worker:
+1. for detach, policy and occ, shards a tiny model (2 trunk layers, 1 MTP layer), takes two RL
+   steps' updates (old log-probs, 2 mini-batches × 2 epochs, 2 micro-batches each) on fixed batches,
+   with the exact diagnostics on the second, and rank 0 saves the whole parameters (gathered one at a
+   time) and the metrics; the test compares them with one unsharded process within 1e-5;
+2. exports the last model in HF layout from its shards (`export_hf`);
+3. runs `train()` for 2 steps with a checkpoint after each (run A), then resumes A's step-1
+   checkpoint on 2 processes (run B: equal to A afterwards).
+The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
+from mtprl.train.batch import TrainBatch
+from mtprl.train.config import TrainConfig
+from mtprl.train.distributed import Dist
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+REGIMES = ("detach", "policy", "occ")
+TIMING = ("time", "time/rollout_s", "time/update_s", "rollout/tokens_per_s")
+
+
+def global_batch(seed: int, n: int = 16) -> TrainBatch:
+    """A fixed batch: left-padded prompts of 3..6 tokens, right-padded responses of 2..10, random advantages."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = 6, 10
+    prompt_len, resp_len = torch.randint(3, P + 1, (n,), generator=g), torch.randint(2, R + 1, (n,), generator=g)
+    cols = torch.arange(P + R)
+    attn = (cols >= P - prompt_len[:, None]) & (cols < P + resp_len[:, None])
+    ids = torch.where(attn, torch.randint(3, 99, (n, P + R), generator=g), 0)
+    return TrainBatch.build(ids, attn, attn[:, P:], torch.randn(n, generator=g), 1)
+
+
+def update_config(regime: str) -> TrainConfig:
+    # 16 rows, 2 mini-batches of 8: each worker takes 4 rows per mini-batch as two micro-batches of 2,
+    # the same row sets as one process's four micro-batches of 2 (so OCC's per-micro-batch ĉ agrees).
+    return TrainConfig(regime=regime, prompts_per_step=4, group_size=4, mini_batches=2, micro_batch_size=2, epochs=2,
+                       lr=1e-3, max_new_tokens=10, mtp_coef=0.5, eval_suites=["add-easy"], max_grad_norm=0.05,
+                       parallel="fsdp")
+
+
+def two_steps(regime: str, dist: Dist, shard: bool):
+    """(model, metrics of step 1, metrics of step 2 with the exact terms) after two RL steps' updates."""
+    from mtprl.train.fsdp import gathered, shard_model
+    from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
+
+    cfg = update_config(regime)
+    model = build_tiny_model(build_tokenizer(), num_mtp_layers=1, seed=5, **SMALL).eval()
+    apply_regime(model, cfg.regime)
+    if shard:
+        shard_model(model, torch.device("cpu"), bf16_compute=False)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    out = []
+    for step in (1, 2):
+        batch = global_batch(10 + step)
+        with gathered(model):
+            prepare_log_probs(model, None, batch, cfg, step=step, dist=dist)
+        out.append(train_on_batch(model, optimizer, scheduler, batch, cfg, step=step, dist=dist, exact=step == 2))
+    return model, out[0], out[1]
+
+
+def _worker(out: Path, tiny: Path) -> None:
+    import torch.distributed as torch_dist
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from mtprl.train import train
+    from mtprl.train.distributed import shutdown
+    from mtprl.train.export import export_hf
+    from mtprl.train.fsdp import iter_full_state
+
+    torch.set_num_threads(1)
+    dist = Dist(Accelerator(cpu=True), "fsdp")
+    assert dist.world == 2 and torch_dist.get_backend() == "gloo"
+    for regime in REGIMES:
+        model, first, second = two_steps(regime, dist, shard=True)
+        params = {name: t.clone() for name, t in iter_full_state(model)}  # every rank gathers, rank 0 keeps
+        if dist.is_main:
+            save_file(params, out / f"params-{regime}.safetensors")
+            (out / f"metrics-{regime}.json").write_text(json.dumps([first, second]))
+    export_hf(model, out / "export", tokenizer=build_tokenizer(), is_main=dist.is_main)
+    run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
+               micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
+               eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1, save_every=1,
+               progress=False, device="cpu", lr=1e-3, parallel="fsdp")
+    train(TrainConfig(**run, output_dir=str(out / "A")))
+    if dist.is_main:  # as if A had been killed after its step-1 checkpoint
+        shutil.copytree(out / "A", out / "B")
+    dist.barrier()
+    train(TrainConfig(**{**run, "resume": str(out / "B" / "checkpoints" / "step-00000001")}, output_dir=str(out / "B")))
+    shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    from mtprl.train.metrics import read_metrics
+
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def _load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def _close(a: float, b: float, tol: float = 1e-5) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tmp_path):
+    from safetensors.torch import load_file
+
+    tiny = tmp_path / "tiny"
+    tok = build_tokenizer()
+    build_tiny_model(tok, num_mtp_layers=1, seed=0, **SMALL).save_pretrained(tiny, tokenizer=tok)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), __file__, str(tmp_path), str(tiny)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "2 processes (world size 2, process-group backend gloo)" in done.stderr
+    assert "sharded (FSDP2)" in done.stderr
+
+    # (1) parameters after two RL steps, and (4) the exact diagnostics, equal one process's.
+    initial = build_tiny_model(tok, num_mtp_layers=1, seed=5, **SMALL).state_dict()
+    for regime in REGIMES:
+        model, first, second = two_steps(regime, Dist(), shard=False)
+        sharded = load_file(tmp_path / f"params-{regime}.safetensors")
+        one = {n: p.detach() for n, p in model.named_parameters()}
+        assert sharded.keys() == one.keys()
+        assert max(float((one[k] - initial[k]).abs().max()) for k in one) > 1e-4, regime  # the steps moved them
+        for name, value in one.items():
+            assert torch.allclose(sharded[name], value, atol=1e-5, rtol=0), (regime, name)
+        two_first, two_second = json.loads((tmp_path / f"metrics-{regime}.json").read_text())
+        assert second["grad_norm"] > 0.05  # the shared clipping acted on the sharded gradients too
+        exact = [k for k in second if k.startswith("exact/")]
+        assert len(exact) == 6 and abs(second["exact/0/dot"]) > 0
+        for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact):
+            tol = 1e-4 if key.endswith("proxy_c_hat") else 1e-5  # a mean of ratios δμ/(μ²+ε): ill-conditioned
+            assert _close(two_second[key], second[key], tol), (regime, key, two_second[key], second[key])
+            if key in first:
+                assert _close(two_first[key], first[key]), (regime, key)
+
+    # (3) the export streamed from the shards equals save_pretrained of the 1-process model, tensor for tensor.
+    model.save_pretrained(tmp_path / "whole")
+    streamed, whole = _load_dir(tmp_path / "export"), _load_dir(tmp_path / "whole")
+    assert streamed.keys() == whole.keys() and any(k.startswith("model.mtp_layers.0.") for k in whole)
+    for key, value in whole.items():
+        assert torch.allclose(streamed[key], value, atol=1e-5, rtol=0), key
+    # one file each: embedding, trunk layer 0, trunk layer 1, final norm, the MTP layer
+    assert len(list((tmp_path / "export").glob("model-*.safetensors"))) == 5
+
+    # (2) resumed on 2 processes from the step-1 checkpoint: equal to the uninterrupted run.
+    a, b = _records(tmp_path / "A"), _records(tmp_path / "B")
+    assert [(r["kind"], r["step"]) for r in a] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert any(k.startswith("exact/") for k in a[0])
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert ra[key] == rb[key] or _close(ra[key], rb[key], 1e-6), (ra["step"], key)
+    ckpt = tmp_path / "A" / "checkpoints" / "step-00000001"
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
+
+    # ... and on 1 process: the resharded state is the checkpoint's, and the run goes on from it.
+    from mtprl.model import MTPCausalLM
+    from mtprl.train.checkpoint import load_sharded_state
+    from mtprl.train.update import build_optimizer
+
+    cfg = TrainConfig(model=str(tiny), regime="occ", lr=1e-3, parallel="fsdp")
+    resumed = MTPCausalLM.from_pretrained(tiny)
+    apply_regime(resumed, "occ")
+    optimizer, _ = build_optimizer(resumed, cfg)
+    load_sharded_state(ckpt, resumed, optimizer)
+    exported = MTPCausalLM.from_pretrained(ckpt / "model")
+    for (name, p), q in zip(resumed.named_parameters(), exported.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert all(int(s["step"]) == 2 for s in optimizer.state.values()) and len(optimizer.state) == len(
+        [p for p in resumed.parameters() if p.requires_grad])
+    shutil.copytree(tmp_path / "A", tmp_path / "C")
+    one = subprocess.run([sys.executable, "-m", "mtprl", "train", "--model", str(tiny), "--parallel", "fsdp",
+                          "--resume", str(tmp_path / "C" / "checkpoints" / "step-00000001"),
+                          "--output-dir", str(tmp_path / "C"), "--regime", "occ", "--steps", "2",
+                          "--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2",
+                          "--micro-batch-size", "2", "--max-new-tokens", "12", "--overlong-buffer", "11",
+                          "--max-draws", "2", "--eval-every", "0", "--no-eval-at-start", "--eval-limit", "2",
+                          "--eval-k", "2", "--eval-suites", "add-easy", "--exact-every", "1", "--save-every", "1",
+                          "--no-progress", "--device", "cpu", "--lr", "1e-3"],
+                         env=env, capture_output=True, text=True, timeout=200)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "1 process (world size 1" in one.stderr
+    c = _records(tmp_path / "C")
+    assert [(r["kind"], r["step"]) for r in c] == [("train", 1), ("train", 2), ("eval", 2)] and c[0] == a[0]
+    assert (tmp_path / "C" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
