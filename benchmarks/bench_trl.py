@@ -1,6 +1,7 @@
 """One RL step of `mtprl train` against TRL's `GRPOTrainer`, side by side in one process, interleaved.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_trl.py [--rounds 6 --trl grpo|mtp|none --no-before --reuse]
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_trl.py [--rounds 6 --trl grpo|mtp|none --no-before --reuse
+        --prompts 16 --dynamic --first-draws 2 --sort --all-options]
 
 Same model (the shipped pre-trained tiny default, float32, one torch thread), same batch: 16
 prompts x 8 samples of the default task families, <= 96 new tokens at T = 1, 4 optimiser steps
@@ -12,6 +13,10 @@ no dynamic sampling, old log-probs recomputed by each. Variants:
   transformers forward, today's path before the lean step); its losses must equal `mtprl`'s;
 - `mtprl (reuse lp)` (with --reuse): the option `reuse_rollout_log_probs` (old log-probs from the
   sampler, no separate forward; an approximation, off by default);
+- `mtprl (first K)` (with --dynamic --first-draws K): dynamic sampling's first K draws as one
+  batch of the engine (the option `first_draws`, off by default);
+- `mtprl (sorted mb)` (with --sort): the option `sort_micro_batches` (less padding; the same loss up
+  to rounding except OCC's per-micro-batch ĉ); `mtprl (all opts)` (--all-options): every option on;
 - `trl`: TRL's `GRPOTrainer` on the plain Qwen2 base (`loss_type="dapo"`, i.e. token-mean),
   `per_device_train_batch_size=16`, `gradient_accumulation_steps=2`, `steps_per_generation=8`;
 - `trl+mtp`: our `MTPGRPOTrainer` (occ) with the same arguments.
@@ -219,6 +224,15 @@ def main() -> None:
     ap.add_argument("--no-before", action="store_true", help="skip the mtprl variant without the lean decode step")
     ap.add_argument("--reuse", action="store_true", help="add an mtprl variant with the reuse_rollout_log_probs "
                                                          "option (an approximation, off by default)")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout batch (8 samples each)")
+    ap.add_argument("--dynamic", action="store_true", help="mtprl variants with dynamic sampling (the demo's "
+                                                           "recipe; TRL has none, so use with --trl none)")
+    ap.add_argument("--first-draws", type=int, default=0, help="with --dynamic: add an mtprl variant with the "
+                                                               "first_draws option at this value (off by default)")
+    ap.add_argument("--sort", action="store_true", help="add an mtprl variant with the sort_micro_batches option")
+    ap.add_argument("--all-options", action="store_true", help="add an mtprl variant with every speed option on "
+                                                              "(reuse_rollout_log_probs, sort_micro_batches, and "
+                                                              "first_draws from --first-draws)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -227,11 +241,13 @@ def main() -> None:
     from mtprl.train.config import TrainConfig
     from mtprl.train.loop import base_model_path, load_model
 
-    cfg = dataclasses.replace(TrainConfig(), dynamic_sampling=False, kl_coef=0.0, exact_every=0)
+    cfg = dataclasses.replace(TrainConfig(), dynamic_sampling=args.dynamic, kl_coef=0.0, exact_every=0,
+                              prompts_per_step=args.prompts)
     model, tokenizer = load_model(base_model_path(cfg), cfg, torch.device("cpu"))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"1 thread; {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
-          f"{cfg.mini_batches} optimiser steps per rollout, micro-batch {cfg.micro_batch_size}, regime {cfg.regime}",
+          f"{cfg.mini_batches} optimiser steps per rollout, micro-batch {cfg.micro_batch_size}, regime {cfg.regime}"
+          f"{', dynamic sampling' if cfg.dynamic_sampling else ''}",
           flush=True)
     clock, rounds = Clock(), args.rounds + 1
     variants = [MtprlVariant("mtprl", True, model, tokenizer, cfg, clock)]
@@ -240,6 +256,15 @@ def main() -> None:
     if args.reuse:
         variants.append(MtprlVariant("mtprl (reuse lp)", True, model, tokenizer,
                                      dataclasses.replace(cfg, reuse_rollout_log_probs=True), clock))
+    if args.first_draws:
+        variants.append(MtprlVariant(f"mtprl (first {args.first_draws})", True, model, tokenizer,
+                                     dataclasses.replace(cfg, first_draws=args.first_draws), clock))
+    if args.sort:
+        variants.append(MtprlVariant("mtprl (sorted mb)", True, model, tokenizer,
+                                     dataclasses.replace(cfg, sort_micro_batches=True), clock))
+    if args.all_options:
+        variants.append(MtprlVariant("mtprl (all opts)", True, model, tokenizer, dataclasses.replace(
+            cfg, sort_micro_batches=True, reuse_rollout_log_probs=True, first_draws=max(args.first_draws, 1)), clock))
     names = [v.name for v in variants]
     with tempfile.TemporaryDirectory() as tmp:
         if args.trl != "none":

@@ -116,3 +116,11 @@ def test_lean_step_is_used_only_where_its_equality_is_known(tiny, monkeypatch):
     eager = family_model("qwen2", 2, False)
     eager.config._attn_implementation = "eager"
     assert not lean.supported(eager)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_lean_step_equals_the_trunk_in_bfloat16(family):
+    model = family_model(family, 2, False).to(torch.bfloat16)
+    prompts = [[1, 5, 9, 4, 7], [1, 3, 8], [1, 6, 6, 2, 9, 11, 5]]
+    for ref, got, _, _ in decode_both(model, prompts, steps=5, holes=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref)

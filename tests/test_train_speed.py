@@ -1,4 +1,4 @@
-"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`."""
+"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`, `first_draws`."""
 
 import dataclasses
 
@@ -45,3 +45,101 @@ def test_reuse_needs_the_plain_softmax():
         TrainConfig(reuse_rollout_log_probs=True, top_p=0.9).validate()
     with pytest.raises(ConfigError, match="top_k 0"):
         TrainConfig(reuse_rollout_log_probs=True, top_k=5).validate()
+
+
+@pytest.mark.parametrize("first_draws, calls", [(1, 3), (2, 2), (3, 1)])
+def test_first_draws_sample_together_and_use_the_same_problems(setup, monkeypatch, first_draws, calls):
+    """With rewards all equal no group is mixed, so dynamic sampling makes all max_draws = 3 draws."""
+    from mtprl.train import rollouts
+
+    model, cfg, _ = setup
+    cfg = dataclasses.replace(cfg, max_draws=3, first_draws=first_draws)
+    seen = []
+
+    def counting(model, prompts, params, **kwargs):
+        seen.append(len(prompts))
+        return generate(model, prompts, params, **kwargs)
+
+    generate = rollouts.generate
+    monkeypatch.setattr(rollouts, "generate", counting)
+    stream, _, _ = build_problems(cfg)
+    batch, metrics = collect_batch(model, model_tokenizer(), stream, lambda p, t: 1.0, cfg, 1, Dist())
+    assert len(seen) == calls and sum(seen) == 3 * cfg.prompts_per_step and seen[0] == first_draws * 4
+    assert stream.position == 3 * cfg.prompts_per_step and metrics["sampling/draws"] == 3.0
+    assert batch.size == cfg.prompts_per_step * cfg.group_size
+    # the batch is filled with the first draw's groups (all dropped, in draw order): the same prompts either way
+    fresh, _, _ = build_problems(cfg)
+    first = encode_first(fresh.take(cfg.prompts_per_step), cfg)
+    assert [row[row != 0].tolist() for row in batch.input_ids[:: cfg.group_size, : batch.prompt_len]] == first
+
+
+def model_tokenizer():
+    return build_tokenizer()
+
+
+def encode_first(problems, cfg):
+    from mtprl.train.data import encode_prompts
+
+    return encode_prompts(build_tokenizer(), problems, cfg.chat_template, cfg.max_prompt_tokens)
+
+
+def test_first_draws_is_checked():
+    TrainConfig(first_draws=2).validate()
+    with pytest.raises(ConfigError, match="first_draws must lie in"):
+        TrainConfig(first_draws=5, max_draws=4).validate()
+    with pytest.raises(ConfigError, match="needs dynamic_sampling"):
+        TrainConfig(first_draws=2, dynamic_sampling=False).validate()
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("regime", ["policy", "ce", "detach"])
+def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
+    import copy
+
+    from mtprl.model import apply_regime
+    from mtprl.train.batch import micro_batches, minibatch_rows, sort_lengths
+    from mtprl.train.update import accumulate_gradients
+
+    model, cfg, batch = setup
+    cfg = dataclasses.replace(cfg, regime=regime)
+    g = torch.Generator().manual_seed(0)  # the random model earns no reward: advantages of our own
+    batch = dataclasses.replace(batch, advantages=torch.randn(batch.size, generator=g))
+    prepare_log_probs(model, None, batch, cfg, 1, Dist())
+    sorted_cfg = dataclasses.replace(cfg, sort_micro_batches=True)
+    lengths = sort_lengths(batch, sorted_cfg)
+    assert sort_lengths(batch, cfg) is None and torch.equal(lengths, batch.response_mask.sum(1))
+    rows = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)[1]
+    plain, ordered = micro_batches(rows, Dist(), 4), micro_batches(rows, Dist(), 4, lengths)
+    assert sorted(torch.cat(ordered).tolist()) == sorted(rows.tolist())  # the same mini-batch, cut otherwise
+    slots = {name: sum(batch.select(mb).input_ids.numel() for mb in layout)
+             for name, layout in (("plain", plain), ("sorted", ordered))}
+    assert slots["sorted"] < slots["plain"]  # the option does something: fewer padded slots
+    out = {}
+    for name, c in (("plain", cfg), ("sorted", sorted_cfg)):
+        m = copy.deepcopy(model)
+        apply_regime(m, regime)
+        metrics = accumulate_gradients(m, batch, rows, c, Dist())
+        out[name] = (metrics, _grads(m))
+    (m0, g0), (m1, g1) = out["plain"], out["sorted"]
+    assert m1["pg/loss"] == pytest.approx(m0["pg/loss"], rel=1e-5, abs=1e-8)
+    assert m1["mtp/loss"] == pytest.approx(m0["mtp/loss"], rel=1e-5, abs=1e-8)
+    assert any(g.abs().sum() > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_sorted_micro_batches_keep_the_first_ratio_exactly_one(setup):
+    import copy
+
+    from mtprl.train.update import build_optimizer, train_on_batch
+
+    model, cfg, batch = setup
+    cfg = dataclasses.replace(cfg, regime="occ", sort_micro_batches=True)
+    m = copy.deepcopy(model)
+    optimizer, scheduler = build_optimizer(m, cfg)
+    prepare_log_probs(m, None, batch, cfg, 1, Dist())
+    metrics = train_on_batch(m, optimizer, scheduler, batch, cfg, 1, Dist())
+    assert metrics["mtp/0/lambda_first"] == 0.0  # old log-probs were computed in the same (sorted) layout

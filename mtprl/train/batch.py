@@ -11,7 +11,10 @@ Layout. Epoch e of step s shuffles the N rows with a seed of (seed, s, e) and cu
 `mini_batches` equal mini-batches; worker r takes its contiguous share of each mini-batch and cuts
 it into micro-batches of `micro_batch_size` rows. Old log-probs are computed in exactly the
 micro-batches of epoch 0, so on the first mini-batch (θ = θ_old) the training forward reproduces
-them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly.
+them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly. The option `sort_micro_batches` lists
+each mini-batch's rows by response length before the cut (same mini-batches, less padding): the
+loss and gradients are the same up to float rounding, except where a quantity is computed per
+micro-batch (OCC's ĉ, occ-exact's slope), which then sees other tokens.
 """
 
 from __future__ import annotations
@@ -119,8 +122,19 @@ def minibatch_rows(n: int, mini_batches: int, seed: int, step: int, epoch: int) 
     return list(torch.randperm(n, generator=generator).chunk(mini_batches))
 
 
-def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int) -> list[Tensor]:
-    """This worker's share of a mini-batch's rows, cut into micro-batches."""
+def sort_lengths(batch: "TrainBatch", cfg) -> Tensor | None:
+    """The response lengths [N] that `micro_batches` orders rows by under `cfg.sort_micro_batches`, else None."""
+    return batch.response_mask.sum(1) if getattr(cfg, "sort_micro_batches", False) else None
+
+
+def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int, lengths: Tensor | None = None) -> list[Tensor]:
+    """This worker's share of a mini-batch's rows, cut into micro-batches.
+
+    With `lengths` [N] (see `sort_lengths`), the mini-batch's rows are first listed by length
+    (stable), so that each micro-batch holds rows of similar length and carries less padding.
+    """
+    if lengths is not None:
+        rows = rows[torch.sort(lengths[rows], stable=True).indices]
     return list(rows[dist.share(len(rows))].split(micro_batch_size))
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
                                "divide prompts_per_step × group_size")
     epochs: int = opt(1, "passes over each rollout batch")
     micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation within a mini-batch)")
+    sort_micro_batches: bool = opt(False, "cut each mini-batch into micro-batches in order of response length (less "
+                                          "padding, same loss up to float rounding; but OCC's ĉ and occ-exact's "
+                                          "slope, computed per micro-batch, then see other tokens)")
 
     # ----- optimiser ------------------------------------------------------------------------------
     lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)")
@@ -85,6 +88,9 @@ class TrainConfig:
                                        "batch is full")
     max_draws: int = opt(4, "rollout rounds per step with dynamic sampling; if still short, dropped groups "
                             "fill the batch")
+    first_draws: int = opt(1, "with dynamic sampling, sample the first this many draws as one batch of the engine "
+                              "(cheaper per sample; but other tokens than one draw after another under the same "
+                              "seed, and the extra problems are used up even when the first draw would do)")
     overlong_buffer: int = opt(0, "DAPO overlong shaping: responses in the last this many tokens before "
                                   "max_new_tokens lose up to overlong_penalty; 0: off")
     overlong_penalty: float = opt(1.0, "largest overlong penalty (at max_new_tokens)")
@@ -183,6 +189,10 @@ class TrainConfig:
 
     def _validate_sampling(self) -> None:
         require(self.max_draws >= 1, f"max_draws must be >= 1, got {self.max_draws}")
+        require(1 <= self.first_draws <= self.max_draws,
+                f"first_draws must lie in [1, max_draws = {self.max_draws}], got {self.first_draws}")
+        require(self.first_draws == 1 or self.dynamic_sampling,
+                f"first_draws = {self.first_draws} needs dynamic_sampling (without it a step makes one draw)")
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.overlong_buffer < self.max_new_tokens,
                 f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens ({self.max_new_tokens})")

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
 from mtprl.losses.offpolicy import tis_weights
-from mtprl.train.batch import Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs
+from mtprl.train.batch import (
+    Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs, sort_lengths,
+)
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms, heldout_terms
 from mtprl.train.fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
@@ -53,8 +55,9 @@ def build_optimizer(model, cfg):
 def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist: Dist) -> None:
     """Set the batch's old (and reference) log-probs, computed in epoch 0's micro-batch layout
     (or, with `reuse_rollout_log_probs`, the sampler's own, which differ by float rounding)."""
+    lengths = sort_lengths(batch, cfg)
     layout = [mb for rows in minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, step, 0)
-              for mb in micro_batches(rows, dist, cfg.micro_batch_size)]
+              for mb in micro_batches(rows, dist, cfg.micro_batch_size, lengths)]
     if getattr(cfg, "reuse_rollout_log_probs", False):
         if batch.rollout_log_probs is None:
             raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
@@ -164,7 +167,7 @@ def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
     `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers)."""
     counts = Counts.of(batch, rows)
     sums = MetricSums()
-    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size):
+    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, sort_lengths(batch, cfg)):
         mb = batch.select(mb_rows)
         loss, metrics = microbatch_loss(model, mb, cfg, counts)
         loss.backward()
