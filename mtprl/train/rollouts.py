@@ -153,23 +153,16 @@ def collect_batch(model, tokenizer, stream: ProblemStream, reward_fn: RewardFn, 
     """The rollout batch of training step `step` (advantages set, log-probs not yet) and its metrics;
     sampled by `engine` (a `VLLMEngine`) when given, else by our engine."""
     n, draws = cfg.group_size, []
-<<<<<<< HEAD
-    for d in range(cfg.max_draws if cfg.dynamic_sampling else 1):
-        problems = stream.take(cfg.prompts_per_step)
-        seed = derive_seed("rollout", cfg.seed, step, d)
-        draws.append(sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist, engine))
-=======
     max_draws, first = (cfg.max_draws, getattr(cfg, "first_draws", 1)) if cfg.dynamic_sampling else (1, 1)
     while len(draws) < max_draws:
         k = first if not draws else 1  # draws sampled together in this batch of the engine
         problems = stream.take(cfg.prompts_per_step * k)
         seed = derive_seed("rollout", cfg.seed, step, len(draws))
-        sampled = sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist)
+        sampled = sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist, engine)
         rows = cfg.prompts_per_step * n  # prompt-major: draw j is rows j*rows .. (j+1)*rows - 1
         draws.extend([sampled] if k == 1 else
                      [sampled.rows(torch.arange(j * rows, (j + 1) * rows, device=sampled.rewards.device))
                       for j in range(k)])
->>>>>>> main
         if sum(sum(mixed_groups(x.rewards, n)) for x in draws) >= cfg.prompts_per_step:
             break
     chosen = select_groups([x.rewards for x in draws], n, cfg.prompts_per_step, cfg.dynamic_sampling)
