@@ -1,7 +1,9 @@
 """`mtprl compare` and `mtprl demo`: every MTP regime side by side from the same base, then a report.
 
 Each (regime, seed) pair is one `mtprl train` run in `OUTPUT_DIR/runs/REGIME-seedSEED`, with the
-same settings apart from the regime. A finished run whose recorded config matches is re-used; an
+same settings apart from the regime. `arms` sweeps λ₀ per regime: REGIME at λ₀ ≠ mtp_coef runs in
+`OUTPUT_DIR/runs/REGIME@λ₀-seedSEED` (at λ₀ = mtp_coef it is the plain REGIME run), and the report
+labels every run of a swept regime REGIME@λ₀ (`mtprl.report.load.label_arms`). A finished run whose recorded config matches is re-used; an
 unfinished one resumes from its latest checkpoint; one whose recorded config differs is an error
 (nothing is overwritten). Runs go one after another in this process, or `workers` at a time in
 child processes (each with its share of the CPU threads). The report goes to OUTPUT_DIR/report.
@@ -44,7 +46,7 @@ DEMO_SETTINGS = ["prompts_per_step=16", "group_size=8", "mini_batches=4", "lr=1e
 # `mtprl train` settings compare sets itself, refused in train_config / --set: per run, or by its own options.
 OWNED = {"regime": "set per run from --regimes", "seed": "set per run from --seeds",
          "output_dir": "set per run under --output-dir", "steps": "use compare's --steps",
-         "mtp_coef": "use compare's --mtp-coef", "occ_estimator": "use compare's --occ-estimator",
+         "mtp_coef": "use compare's --mtp-coef or --arms", "occ_estimator": "use compare's --occ-estimator",
          "resume": "compare resumes unfinished runs and re-uses finished ones",
          "overwrite": "compare restarts a run that saved no checkpoint (same settings, so nothing is lost)",
          "eval_at_start": "compare evaluates the shared base once, as every run's step 0"}
@@ -57,7 +59,11 @@ class CompareConfig:
     regimes: list[str] = opt(DEMO_REGIMES, "regimes to run (any of mtprl.losses.MTP_REGIMES)")
     seeds: list[int] = opt([0, 1, 2, 3, 4], "seeds; each regime runs once per seed")
     steps: int = opt(60, "RL steps per run")
-    mtp_coef: float = opt(0.1, "λ₀ for every regime (fixed λ for ce/policy, the base of OCC's λ)")
+    mtp_coef: float = opt(0.1, "λ₀ for every regime not named in arms (fixed λ for ce/policy, the base of OCC's λ)")
+    arms: list[str] = opt([], "λ₀ sweeps as REGIME:λ₀,λ₀,... (e.g. --arms occ:0.1,1,10 policy:0.1,1): every λ₀ is "
+                              "its own arm, REGIME@λ₀ in tables and paired comparisons, against the same runs of the "
+                              "other regimes at mtp_coef; an arm at λ₀ = mtp_coef re-uses the plain REGIME runs; a "
+                              "regime named here and not in regimes is added")
     occ_estimator: str = opt("mean-ratio", "OCC proxy estimator: mean-ratio (paper) or ratio-of-sums")
     train_config: str | None = opt(None, "YAML file of `mtprl train` settings shared by every run")
     set: list[str] = opt([], "shared `mtprl train` settings as key=value; they win over train_config, which wins "
@@ -76,6 +82,8 @@ class CompareConfig:
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                 f"seeds must be one or more distinct integers, got {self.seeds}")
         require(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        for r in parse_arms(self.arms):
+            require(r in MTP_REGIMES, f"unknown regime '{r}' in arms; valid: {', '.join(MTP_REGIMES)}")
         if self.train_config is not None:
             require(Path(self.train_config).is_file(), f"train_config '{self.train_config}' does not exist")
 
@@ -88,6 +96,37 @@ class DemoConfig(CompareConfig):
     output_dir: str = opt("runs/demo", "experiment folder: runs/ and report/")
     workers: int = opt(5, "runs at a time (child processes sharing the CPU cores): all five at once, so no core "
                           "idles while the last run finishes; 1: in this process")
+
+
+def parse_arms(items: list[str]) -> dict[str, list[float]]:
+    """{regime: [λ₀, ...]} from 'REGIME:λ₀,λ₀' items; a bare number continues the regime before it (so a
+    YAML string 'occ:0.1,1' split at its commas reads the same)."""
+    out: dict[str, list[float]] = {}
+    current = None
+    for token in " ".join(str(i) for i in items).replace(",", " ").split():
+        regime, sep, value = token.rpartition(":")
+        if sep:
+            require(bool(regime) and regime not in out, f"arms: regime '{regime}' is empty or named twice in "
+                                                        f"{items}; give each regime once as REGIME:λ₀,λ₀,...")
+            current = regime
+            out[current] = []
+        require(current is not None, f"arms must start with REGIME:λ₀ (e.g. occ:0.1,1,10), got {items}")
+        if not value:
+            continue
+        try:
+            coef = float(value)
+        except ValueError:
+            raise ConfigError(f"arms: '{value}' in {items} is not a number (λ₀ values of regime '{current}')") from None
+        require(coef not in out[current], f"arms: λ₀ = {value} is repeated for regime '{current}'")
+        out[current].append(coef)
+    for regime, coefs in out.items():
+        require(bool(coefs), f"arms: regime '{regime}' has no λ₀ value; write {regime}:λ₀,λ₀,...")
+    return out
+
+
+def arm_name(regime: str, coef: float, default: float) -> str:
+    """The name of a regime's run at λ₀ = `coef`: the regime itself at the default λ₀, else REGIME@λ₀."""
+    return regime if coef == default else f"{regime}@{coef:g}"
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -112,15 +151,17 @@ def plan_runs(cfg: CompareConfig) -> list[tuple[str, object]]:
     shared = {**_parse_sets(DEMO_SETTINGS), **given}
     if cfg.workers > 1 and len(cfg.regimes) * len(cfg.seeds) > 1:
         shared.setdefault("progress", False)  # child processes log to train.log; a bar there only if asked for
+    arms = parse_arms(cfg.arms)
     runs = []
-    for regime in cfg.regimes:
-        for seed in cfg.seeds:
-            name = f"{regime}-seed{seed}"
-            values = {**shared, "regime": regime, "seed": seed, "steps": cfg.steps, "mtp_coef": cfg.mtp_coef,
-                      "occ_estimator": cfg.occ_estimator, "resume": "auto", "overwrite": True,
-                      "eval_at_start": False,
-                      "output_dir": str(Path(cfg.output_dir) / "runs" / name)}
-            runs.append((name, build_config(TrainConfig, values, f"the settings of run {name}")))
+    for regime in cfg.regimes + [r for r in arms if r not in cfg.regimes]:
+        for coef in arms.get(regime, [cfg.mtp_coef]):
+            for seed in cfg.seeds:
+                name = f"{arm_name(regime, coef, cfg.mtp_coef)}-seed{seed}"
+                values = {**shared, "regime": regime, "seed": seed, "steps": cfg.steps, "mtp_coef": coef,
+                          "occ_estimator": cfg.occ_estimator, "resume": "auto", "overwrite": True,
+                          "eval_at_start": False,
+                          "output_dir": str(Path(cfg.output_dir) / "runs" / name)}
+                runs.append((name, build_config(TrainConfig, values, f"the settings of run {name}")))
     return runs
 
 

@@ -14,13 +14,22 @@ with the numbers it rests on. The criteria (thresholds are the constants below):
     across seeds, or with one seed the std of the step-to-step changes / √2. (b) policy − detach
     as in claim 2. Reproduced when (a) or (b) holds.
  4. Under policy loss the correlation term decays while the penalty persists. Per policy run, the
-    means of `exact/0/dot` (⟨g_RL, g_MTP⟩) and `exact/0/g_mtp_sq` (‖g_MTP‖²) over its exact rows in
-    the first third of steps (step ≤ T/3, T its last train step) and the last third (step > 2T/3),
-    averaged over runs. Reproduced when dot_first > 0, dot_last < DECAY·dot_first and
-    pen_last ≥ PERSIST·pen_first.
- 5. The log-prob proxy tracks the exact slope. Pearson r between `exact/{k}/proxy_c_hat` and
-    `exact/{k}/slope` over all exact rows, all heads, of occ and occ-exact runs: reproduced when
-    r ≥ MIN_R and its two-sided p < ALPHA (at least 3 rows). Spearman's ρ is reported beside it.
+    means of the held-out `heldout/0/dot` (⟨g_RL, g_MTP⟩ from disjoint halves of the batch) and
+    `heldout/0/g_mtp_sq` (‖g_MTP‖², split-half) over its rows in the first third of steps (step ≤ T/3,
+    T its last train step) and the last third (step > 2T/3), averaged over runs. Runs logged before the
+    held-out terms existed fall back to the same-batch `exact/0/dot` and `exact/0/g_mtp_sq` (biased by
+    tr Cov(ĝ_RL, ĝ_MTP)), and the explanation says which was used. Reproduced when dot_first > 0,
+    dot_last < DECAY·dot_first and pen_last ≥ PERSIST·pen_first. The AdamW-preconditioned pair
+    (pdot, pg_mtp_sq) is reported beside it.
+ 5. The log-prob proxy tracks the effect of λ. With probe rows (`mtprl probe`, any regime's runs,
+    pooled): sign agreement of the proxy ĉ (the runs' OCC estimator) with the measured dJ/dλ and
+    Spearman ρ, with bootstrap 95% intervals: reproduced when the sign-agreement interval lies above
+    ½ and the ρ interval above 0 (at least MIN_PROBE_ROWS rows). The other predictors' agreement is
+    in the evidence. Without probe rows, the older proxy-vs-exact-slope test: Pearson r between
+    `exact/{k}/proxy_c_hat` and `exact/{k}/slope` over all exact rows, all heads, of occ and occ-exact
+    runs: reproduced when r ≥ MIN_R and its two-sided p < ALPHA (at least 3 rows).
+λ₀ arms: a claim about a regime that was swept (`REGIME@λ₀` groups, no plain `REGIME` group) is judged
+on its arm at the base λ₀ (`summary["base_coef"]`), and says so.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from mtprl.report.keys import AVG, eval_value, head_indices
-from mtprl.report.load import Run, number
+from mtprl.report.load import Run, arm_label, base_regime, number
+from mtprl.report.probe import agreement
 from mtprl.report.series import Series, align
 from mtprl.report.stats import BETTER, WITHIN_NOISE, WORSE, pearson, pearson_p, spearman
 
@@ -39,16 +49,26 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 NOT_MEASURABLE = "not measurable (missing data)"
 OCC_REGIMES = ("occ", "occ-exact")
+CLAIM_REGIMES = ("occ", "ce", "policy")  # the regimes claims (1)/(2)/(3)-(4) are about
 DECAY = 0.5  # claim 4: the late correlation term must fall below half its early value
 PERSIST = 0.5  # claim 4: the late penalty must keep at least half its early value
 MIN_R = 0.5  # claim 5: minimum Pearson r
 ALPHA = 0.05  # claim 5: significance level of r
+MIN_PROBE_ROWS = 3  # claim 5 with probe rows: fewest rows for a verdict
 
 
 def _claim(number_: int, text: str, criterion: str, verdict: str, explanation: str,
            evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": number_, "claim": text, "criterion": criterion, "verdict": verdict,
             "explanation": explanation, "evidence": evidence or {}}
+
+
+def group_name(groups: dict[str, list[Run]], regime: str, base_coef: float | None) -> str:
+    """The group a claim about `regime` is judged on: `regime` itself, else its λ₀ arm at the base λ₀."""
+    if regime in groups or base_coef is None:
+        return regime
+    arm = arm_label(regime, base_coef)
+    return arm if arm in groups else regime
 
 
 def _avg_comparison(summary: dict[str, Any], regime: str) -> tuple[dict[str, Any] | None, str]:
@@ -126,15 +146,15 @@ def _rise_then_fall(runs: Sequence[Run], summary: dict[str, Any]) -> dict[str, A
             "last": float(curve[-1]), "noise": noise, "eval_steps": len(curve), "rise_then_fall": bool(ok)}
 
 
-def claim_policy_rise_fall(groups: dict[str, list[Run]], summary: dict[str, Any]) -> dict[str, Any]:
+def claim_policy_rise_fall(groups: dict[str, list[Run]], summary: dict[str, Any], policy: str = "policy") -> dict[str, Any]:
     text = "fixed-λ policy loss rises then falls, or ends below detach"
-    criterion = ("(a) the policy average-accuracy curve peaks strictly inside the run, above both its first and "
-                 "last value by more than the noise σ; or (b) policy − detach is 'worse' as in claim 2")
-    curve = _rise_then_fall(groups["policy"], summary) if "policy" in groups else None
-    comparison, reason = _avg_comparison(summary, "policy")
+    criterion = (f"(a) the {policy} average-accuracy curve peaks strictly inside the run, above both its first and "
+                 f"last value by more than the noise σ; or (b) {policy} − detach is 'worse' as in claim 2")
+    curve = _rise_then_fall(groups[policy], summary) if policy in groups else None
+    comparison, reason = _avg_comparison(summary, policy)
     below = None if comparison is None else _shown_worse(comparison)
     if curve is None and below is None:
-        why = reason if "policy" not in groups else f"fewer than 3 policy eval steps, and {reason}"
+        why = reason if policy not in groups else f"fewer than 3 {policy} eval steps, and {reason}"
         return _claim(3, text, criterion, NOT_MEASURABLE, why)
     parts = []
     if curve is None:
@@ -146,18 +166,23 @@ def claim_policy_rise_fall(groups: dict[str, list[Run]], summary: dict[str, Any]
     if comparison is None:
         parts.append(f"(b) not measurable: {reason}")
     else:
-        parts.append(f"(b) policy − {summary['reference']}: {describe_comparison(comparison)}")
+        parts.append(f"(b) {policy} − {summary['reference']}: {describe_comparison(comparison)}")
     ok = bool(curve and curve["rise_then_fall"]) or bool(below)
     evidence = {"curve": curve, "versus_reference": comparison, "ends_below": below}
     return _claim(3, text, criterion, REPRODUCED if ok else NOT_REPRODUCED, "; ".join(parts), evidence)
 
 
-def _thirds(run: Run, head: int = 0) -> dict[str, Any] | None:
-    """Claim 4 for one run: means of dot and g_mtp_sq over the first and last third of steps."""
+HELDOUT_KEYS = ("heldout/{head}/dot", "heldout/{head}/g_mtp_sq")
+SAME_BATCH_KEYS = ("exact/{head}/dot", "exact/{head}/g_mtp_sq")
+PRECONDITIONED_KEYS = ("heldout/{head}/pdot", "heldout/{head}/pg_mtp_sq")
+
+
+def _thirds(run: Run, keys: tuple[str, str] = SAME_BATCH_KEYS, head: int = 0) -> dict[str, Any] | None:
+    """Claim 4 for one run: means of the correlation term and the penalty over the first and last third of steps."""
     if not run.train:
         return None
     last_step = max(row["step"] for row in run.train)
-    dot_key, pen_key = f"exact/{head}/dot", f"exact/{head}/g_mtp_sq"
+    dot_key, pen_key = (key.format(head=head) for key in keys)
     rows = [(row["step"], number(row, dot_key), number(row, pen_key)) for row in run.train]
     rows = [(s, d, p) for s, d, p in rows if d is not None and p is not None]
     first = [(d, p) for s, d, p in rows if s <= last_step / 3]
@@ -169,32 +194,49 @@ def _thirds(run: Run, head: int = 0) -> dict[str, Any] | None:
             "pen_first": float(np.mean([p for _, p in first])), "pen_last": float(np.mean([p for _, p in last]))}
 
 
-def claim_policy_terms(groups: dict[str, list[Run]]) -> dict[str, Any]:
+def _mean_thirds(per_run: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: float(np.mean([t[key] for t in per_run])) for key in ("dot_first", "dot_last", "pen_first", "pen_last")}
+
+
+def claim_policy_terms(groups: dict[str, list[Run]], policy: str = "policy") -> dict[str, Any]:
     text = "under fixed-λ policy loss the correlation term decays while the penalty persists"
-    criterion = (f"policy runs, head 0, first vs last third of steps (averaged over runs): dot_first > 0, "
-                 f"dot_last < {DECAY}·dot_first, and g_mtp_sq_last ≥ {PERSIST}·g_mtp_sq_first")
-    per_run = [t for t in (_thirds(run) for run in groups.get("policy", [])) if t is not None]
+    criterion = (f"{policy} runs, head 0, first vs last third of steps (averaged over runs), held-out terms "
+                 f"(same-batch for runs without them): dot_first > 0, dot_last < {DECAY}·dot_first, and "
+                 f"g_mtp_sq_last ≥ {PERSIST}·g_mtp_sq_first")
+    runs = groups.get(policy, [])
+    per_run = [t for t in (_thirds(run, HELDOUT_KEYS) for run in runs) if t is not None]
+    source = "held-out (disjoint halves of each batch)"
+    if not per_run:
+        per_run = [t for t in (_thirds(run, SAME_BATCH_KEYS) for run in runs) if t is not None]
+        source = "same-batch (no held-out rows; biased by tr Cov(ĝ_RL, ĝ_MTP))"
     if not per_run:
         return _claim(4, text, criterion, NOT_MEASURABLE,
-                      "no policy run with exact/0/dot and exact/0/g_mtp_sq rows in both the first and last third")
-    keys = ("dot_first", "dot_last", "pen_first", "pen_last")
-    mean = {key: float(np.mean([t[key] for t in per_run])) for key in keys}
+                      f"no {policy} run with heldout/0/dot and heldout/0/g_mtp_sq (or exact/0/...) rows in both the "
+                      "first and last third")
+    mean = _mean_thirds(per_run)
     decays = mean["dot_first"] > 0 and mean["dot_last"] < DECAY * mean["dot_first"]
     persists = mean["pen_last"] >= PERSIST * mean["pen_first"]
-    explanation = (f"over {len(per_run)} run(s): ⟨g_RL, g_MTP⟩ {mean['dot_first']:.4g} → {mean['dot_last']:.4g} "
-                   f"({'decays' if decays else 'does not decay'}), ‖g_MTP‖² {mean['pen_first']:.4g} → "
-                   f"{mean['pen_last']:.4g} ({'persists' if persists else 'does not persist'})")
+    explanation = (f"{source}, over {len(per_run)} run(s): ⟨g_RL, g_MTP⟩ {mean['dot_first']:.4g} → "
+                   f"{mean['dot_last']:.4g} ({'decays' if decays else 'does not decay'}), ‖g_MTP‖² "
+                   f"{mean['pen_first']:.4g} → {mean['pen_last']:.4g} ({'persists' if persists else 'does not persist'})")
+    preconditioned = [t for t in (_thirds(run, PRECONDITIONED_KEYS) for run in runs) if t is not None]
+    evidence = {"source": source, "mean": mean, "runs": per_run}
+    if preconditioned:
+        pre = _mean_thirds(preconditioned)
+        evidence["preconditioned"] = pre
+        explanation += (f"; AdamW geometry: ⟨g_RL, P g_MTP⟩ {pre['dot_first']:.4g} → {pre['dot_last']:.4g}, "
+                        f"‖P g_MTP‖² {pre['pen_first']:.4g} → {pre['pen_last']:.4g}")
     verdict = REPRODUCED if decays and persists else NOT_REPRODUCED
-    return _claim(4, text, criterion, verdict, explanation, {"mean": mean, "runs": per_run})
+    return _claim(4, text, criterion, verdict, explanation, evidence)
 
 
 def proxy_pairs(groups: dict[str, list[Run]]) -> dict[str, tuple[list[float], list[float]]]:
-    """regime -> (exact slopes, proxy ĉ) over the exact rows, all heads, of the OCC regimes."""
+    """regime (or λ₀ arm) -> (exact slopes, proxy ĉ) over the exact rows, all heads, of the OCC regimes."""
     out: dict[str, tuple[list[float], list[float]]] = {}
-    for regime in OCC_REGIMES:
+    for regime in [name for name in groups if base_regime(name) in OCC_REGIMES]:
         slopes: list[float] = []
         proxies: list[float] = []
-        for run in groups.get(regime, []):
+        for run in groups[regime]:
             for head in head_indices(run.train, "exact", "slope"):
                 for row in run.train:
                     slope, proxy = number(row, f"exact/{head}/slope"), number(row, f"exact/{head}/proxy_c_hat")
@@ -206,7 +248,43 @@ def proxy_pairs(groups: dict[str, list[Run]]) -> dict[str, tuple[list[float], li
     return out
 
 
+def _proxy_key(runs: list[Run]) -> str:
+    """The probe row's proxy key of the OCC estimator the runs used (the paper's mean-ratio unless all chose the other)."""
+    estimators = {run.config.get("occ_estimator", "mean-ratio") for run in runs}
+    return "proxy_ratio_of_sums" if estimators == {"ratio-of-sums"} else "proxy_mean_ratio"
+
+
+def claim_proxy_tracks_effect(groups: dict[str, list[Run]]) -> dict[str, Any] | None:
+    """Claim 5 from the finite-difference probe rows of all runs; None when no run was probed."""
+    runs = [run for g in groups.values() for run in g if run.probe]
+    if not runs:
+        return None
+    rows = [row for run in runs for row in run.probe]
+    key = _proxy_key(runs)
+    text = "the log-prob proxy ĉ tracks the effect of λ on the objective (finite-difference probe)"
+    criterion = (f"{key} vs the measured dJ/dλ over the probe rows of all probed runs: the bootstrap 95% interval "
+                 f"of the sign agreement lies above 0.5 and that of Spearman ρ above 0 (at least {MIN_PROBE_ROWS} rows)")
+    stats = agreement(rows)
+    mine = stats.get(key)
+    if mine is None or mine["n"] < MIN_PROBE_ROWS or mine["sign_ci"][0] is None or mine["spearman_ci"][0] is None:
+        return _claim(5, text, criterion, NOT_MEASURABLE,
+                      f"{len(rows)} probe row(s) from {len(runs)} run(s): too few, or a constant predictor or effect",
+                      {"agreement": stats, "rows": len(rows)})
+    ok = mine["sign_ci"][0] > 0.5 and mine["spearman_ci"][0] > 0
+    others = "; ".join(f"{s['label']} {s['sign_agreement']:.2f} / ρ {s['spearman']:.2f}" for k, s in stats.items()
+                       if k != key and s["sign_agreement"] is not None and s["spearman"] is not None)
+    explanation = (f"{mine['n']} probe rows from {len(runs)} run(s): sign agreement {mine['sign_agreement']:.2f} "
+                   f"[{mine['sign_ci'][0]:.2f}, {mine['sign_ci'][1]:.2f}], Spearman ρ {mine['spearman']:.2f} "
+                   f"[{mine['spearman_ci'][0]:.2f}, {mine['spearman_ci'][1]:.2f}]"
+                   + (f"; other predictors (sign agreement / ρ): {others}" if others else ""))
+    return _claim(5, text, criterion, REPRODUCED if ok else NOT_REPRODUCED, explanation,
+                  {"agreement": stats, "rows": len(rows), "predictor": key})
+
+
 def claim_proxy_tracks(groups: dict[str, list[Run]]) -> dict[str, Any]:
+    probed = claim_proxy_tracks_effect(groups)
+    if probed is not None:
+        return probed
     text = "the log-prob proxy ĉ tracks the exact slope ⟨g_RL, g_MTP⟩ / ‖g_MTP‖²"
     criterion = (f"Pearson r of proxy_c_hat vs slope over all exact rows of occ/occ-exact runs: r ≥ {MIN_R} "
                  f"and two-sided p < {ALPHA} (at least 3 rows)")
@@ -229,10 +307,12 @@ def claim_proxy_tracks(groups: dict[str, list[Run]]) -> dict[str, Any]:
 
 def evaluate_claims(groups: dict[str, list[Run]], summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Claims (1)–(5) in order; `summary` needs reference, regimes, headline, suites and paired."""
+    base = summary.get("base_coef")
+    occ, ce, policy = (group_name(groups, name, base) for name in CLAIM_REGIMES)
     return [
-        _versus_reference(summary, 1, "occ", "occ matches or beats detach", want_worse=False),
-        _versus_reference(summary, 2, "ce", "ce falls below detach", want_worse=True),
-        claim_policy_rise_fall(groups, summary),
-        claim_policy_terms(groups),
+        _versus_reference(summary, 1, occ, "occ matches or beats detach", want_worse=False),
+        _versus_reference(summary, 2, ce, "ce falls below detach", want_worse=True),
+        claim_policy_rise_fall(groups, summary, policy),
+        claim_policy_terms(groups, policy),
         claim_proxy_tracks(groups),
     ]

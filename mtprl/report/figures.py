@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mtprl.report.claims import OCC_REGIMES, proxy_pairs
 from mtprl.report.keys import AVG, eval_value, head_indices
-from mtprl.report.load import Run, number
+from mtprl.report.load import Run, base_regime, number
 from mtprl.report.series import RowValue, Series, align
 from mtprl.report.stats import pearson
 
@@ -141,7 +141,7 @@ def fig_accuracy_suites(groups: Groups, summary: dict[str, Any]) -> Figure | str
 def _per_head_panels(groups: Groups, regimes: tuple[str, ...], prefix: str, names: list[tuple[str, str]],
                      title: str, marker: str | None = None) -> Figure | None:
     """One panel per (key name, panel title); one line per (regime, head); None when nothing is drawn."""
-    chosen = {r: runs for r, runs in groups.items() if r in regimes}
+    chosen = {r: runs for r, runs in groups.items() if base_regime(r) in regimes}
     fig, axes = _figure(1, len(names), title)
     drawn = False
     for ax, (name, panel_title) in zip(axes[0], names):
@@ -175,6 +175,14 @@ def fig_exact_terms(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     # Exact terms are logged every few steps only: mark the points.
     fig = _per_head_panels(groups, EXACT_REGIMES, "exact", names, "exact gradient terms vs step", marker="o")
     return fig if fig is not None else "no ce / policy / occ run logs exact/{k}/dot or exact/{k}/g_mtp_sq"
+
+
+def fig_heldout_terms(groups: Groups, summary: dict[str, Any]) -> Figure | str:
+    names = [("dot", "held-out ⟨g_RL, g_MTP⟩"), ("same_dot", "same-batch ⟨g_RL, g_MTP⟩ (whole batch)"),
+             ("pdot", "held-out ⟨g_RL, P g_MTP⟩ (AdamW)"), ("g_mtp_sq", "held-out ‖g_MTP‖² (split-half)")]
+    regimes = tuple(base_regime(r) for r in groups)
+    fig = _per_head_panels(groups, regimes, "heldout", names, "held-out gradient terms vs step", marker="o")
+    return fig if fig is not None else "no run logs heldout/{k}/dot (runs logged before the held-out terms)"
 
 
 def fig_proxy_vs_exact(groups: Groups, summary: dict[str, Any]) -> Figure | str:
@@ -235,6 +243,8 @@ FIGURES: tuple[tuple[str, str, Callable[[Groups, dict[str, Any]], Figure | str]]
     ("accuracy_suites.png", "accuracy vs step per suite", fig_accuracy_suites),
     ("occ_coefficients.png", "OCC λ and ĉ vs step", fig_occ_coefficients),
     ("exact_terms.png", "exact correlation term and penalty vs step (ce, policy, occ)", fig_exact_terms),
+    ("heldout_terms.png", "held-out correlation term (beside the same-batch one) and penalty vs step",
+     fig_heldout_terms),
     ("proxy_vs_exact.png", "OCC proxy ĉ vs exact slope", fig_proxy_vs_exact),
     ("mtp_acceptance.png", "MTP acceptance / top-1 vs step", fig_mtp_acceptance),
     ("entropy.png", "entropy vs step", fig_entropy),

@@ -53,6 +53,7 @@ class Run:
     wall_time: float | None
     finished: bool
     notes: list[str] = field(default_factory=list)
+    probe: list[dict[str, Any]] = field(default_factory=list)  # rows of RUN_DIR/probe/probe.jsonl (mtprl probe)
 
     @property
     def last_step(self) -> int | None:
@@ -178,6 +179,28 @@ def _final_eval(run_dir: Path, summary: dict[str, Any] | None, evals: list[dict[
     return {k: v for k, v in final.items() if v is not None}, last.get("step")
 
 
+PROBE_DIR, PROBE_FILE = "probe", "probe.jsonl"
+
+
+def read_probe_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows `mtprl probe` wrote for a run (empty when it was never probed); ReportError on a bad line."""
+    path = Path(run_dir) / PROBE_DIR / PROBE_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete this line") from None
+        if not isinstance(row, dict) or number(row, "dJ_dlambda") is None:
+            raise ReportError(f"{path}:{lineno}: a probe row needs a number 'dJ_dlambda'; fix or delete this line")
+        rows.append(row)
+    return rows
+
+
 def load_run(path: str | Path) -> Run:
     """Read and check one run directory; raises ReportError on anything unusable."""
     run_dir = Path(path)
@@ -199,15 +222,58 @@ def load_run(path: str | Path) -> Run:
         times = [t for t in (number(row, "time") for row in rows) if t is not None]
         wall = max(times) if times else None
     return Run(path=str(run_dir), regime=regime, seed=seed, config=config, train=train, evals=evals,
-               final=final, final_step=final_step, wall_time=wall, finished=summary is not None, notes=notes)
+               final=final, final_step=final_step, wall_time=wall, finished=summary is not None, notes=notes,
+               probe=read_probe_rows(run_dir))
+
+
+REFERENCE_REGIME = "detach"
+
+
+def _coef(run: Run) -> float | None:
+    value = run.config.get("mtp_coef")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def reference_coef(runs: Iterable[Run]) -> float | None:
+    """The experiment's base λ₀: the most common mtp_coef of the detach runs, else of all runs (None if none)."""
+    runs = list(runs)
+    coefs = [c for c in (_coef(r) for r in runs if r.config.get("regime", r.regime) == REFERENCE_REGIME)
+             if c is not None] or [c for c in (_coef(r) for r in runs) if c is not None]
+    return max(sorted(set(coefs)), key=coefs.count) if coefs else None
+
+
+def arm_label(regime: str, coef: float) -> str:
+    """How a run of `regime` at λ₀ = `coef` is named when its regime is swept (as `mtprl compare --arms` names it)."""
+    return f"{regime}@{coef:g}"
+
+
+def base_regime(name: str) -> str:
+    """The regime of a group name: `occ` for the arm `occ@1` and for `occ` itself."""
+    return name.partition("@")[0]
+
+
+def label_arms(runs: list[Run]) -> None:
+    """λ₀ arms: every run of a regime whose runs have several mtp_coef values, or another one than the base
+    λ₀ (`reference_coef`), is labelled REGIME@λ₀ in `run.regime` (its config keeps the regime name); the
+    others keep the plain regime name, and so do the reference's (detach's) runs at the base λ₀, which
+    every arm is compared with."""
+    base = reference_coef(runs)
+    by_regime: dict[str, set] = {}
+    for run in runs:
+        by_regime.setdefault(run.regime, set()).add(_coef(run))
+    swept = {regime for regime, coefs in by_regime.items() if None not in coefs and coefs != {base}}
+    for run in runs:
+        if run.regime in swept and not (run.regime == REFERENCE_REGIME and _coef(run) == base):
+            run.regime = arm_label(run.regime, _coef(run))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Read every run directory (all checked before anything is returned); one run per regime and seed."""
+    """Read every run directory (all checked before anything is returned); one run per regime (λ₀ arm) and seed."""
     paths = list(paths)
     if not paths:
         raise ReportError("no run directories given; pass one or more folders written by training runs")
     runs = [load_run(p) for p in paths]
+    label_arms(runs)
     seen: dict[tuple[str, str], Run] = {}
     for run in runs:
         key = (run.regime, str(run.seed))

@@ -134,6 +134,21 @@ def _paired_section(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mtp_section(summary: dict[str, Any]) -> list[str]:
+    tracks = summary.get("mtp_over_training") or {}
+    if not tracks:
+        return []
+    lines = ["## The MTP head over training", "",
+             "Seed-mean at each regime's first → last logged step (training rows: every step; evaluations: "
+             "every eval_every steps). Speculative acceptance appears only for runs that drafted.", "",
+             "| regime | measure | first (step) | last (step) | seeds |", "|---|---|---|---|---|"]
+    for regime, by_key in tracks.items():
+        for t in by_key.values():
+            lines.append(f"| {regime} | {t['label']} | {t['first']:.3f} ({t['first_step']}) | {t['last']:.3f} "
+                         f"({t['last_step']}) | {t['seeds']} |")
+    return lines + [""]
+
+
 def _claims_section(summary: dict[str, Any]) -> list[str]:
     lines = ["## Paper claims", ""]
     for claim in summary["claims"]:
@@ -168,6 +183,7 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += _gain_section(summary)
     lines += _paired_section(summary)
     lines += _paired_problem_section(summary)
+    lines += _mtp_section(summary)
     lines += _claims_section(summary)
     lines += _figures_section(summary.get("figures", []))
     lines += ["## How the numbers are computed", "", METHOD.format(reference=summary["reference"]), ""]

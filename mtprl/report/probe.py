@@ -12,18 +12,15 @@ raises J" (DESIGN §1: one step changes J by about +ηλ⟨g_RL, P g_MTP⟩ to f
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtprl.report.load import ReportError, number
+from mtprl.report.load import PROBE_DIR, PROBE_FILE, number, read_probe_rows
 from mtprl.report.stats import spearman
 
-PROBE_DIR = "probe"
-PROBE_FILE = "probe.jsonl"
 # predictor key in a probe row -> its label in tables and figures
 PREDICTORS = {
     "proxy_mean_ratio": "proxy ĉ (mean-ratio)",
@@ -34,27 +31,10 @@ PREDICTORS = {
     "same_pdot": "same-batch ⟨g_RL, P g_MTP⟩",
     "fresh_pdot": "fresh-rollout ⟨g_RL, P g_MTP⟩",
 }
+__all__ = ["PREDICTORS", "PROBE_DIR", "PROBE_FILE", "agreement", "agreement_table", "bootstrap_ci", "probe_figure",
+           "read_probe_rows", "sign_agreement"]
 BOOTSTRAP = 2000
 CONFIDENCE = 0.95
-
-
-def read_probe_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The probe rows of a run directory (empty when it was never probed); ReportError on a bad line."""
-    path = Path(run_dir) / PROBE_DIR / PROBE_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete this line") from None
-        if not isinstance(row, dict) or number(row, "dJ_dlambda") is None:
-            raise ReportError(f"{path}:{lineno}: a probe row needs a number 'dJ_dlambda'; fix or delete this line")
-        rows.append(row)
-    return rows
 
 
 def _sign(x: float) -> int:

@@ -2,7 +2,8 @@
 
 Layout of the dict returned by `summarize` (and written to summary.json):
   runs       one entry per run: path, regime, seed, finished, final_step, steps, wall_time, ...
-  regimes    regime names in display order; suites, metrics (headline first), headline
+  regimes    regime names in display order (a swept regime's runs as λ₀ arms REGIME@λ₀, see
+             load.label_arms); base_coef the base λ₀; suites, metrics (headline first), headline
   accuracy   {metric: {regime: {column: stat}}}, columns = suites + ["avg"]
   extras     {regime: {"eval/mtp_accept" | "eval/mtp_top1" | "wall_time": stat}}
   paired     {metric: {regime: {column: comparison}}} against `detach`, matched by seed
@@ -11,6 +12,8 @@ Layout of the dict returned by `summarize` (and written to summary.json):
              noise only, so it is meaningful with one seed, where `paired` has no test)
   base       the shared base evaluation (model, weights hash, its eval/ and eval_se/ values), when given
   gain       {metric: {regime: {column: stat}}}: final − base per run (paired by problem), over seeds
+  mtp_over_training {regime: {key: first and last value}}: the MTP head as a drafter over training
+             (teacher-forced top-1 in training and evaluation; speculative acceptance where drafting was on)
   claims     the paper's claims (1)–(5), see claims.py
 A stat is {"mean", "std", "n", "se", "values": {seed: value}, "se_values": {seed: SE}}: "se" is the
 standard error of the mean, std/√n over seeds when n > 1, else the one run's own standard error over
@@ -28,7 +31,7 @@ from typing import Any
 from mtprl.report.base import Base, problem_difference, run_gain, run_problem_results
 from mtprl.report.claims import evaluate_claims
 from mtprl.report.keys import AVG, MTP_EVAL_KEYS, eval_value, suites_and_metrics
-from mtprl.report.load import Run, number
+from mtprl.report.load import Run, number, reference_coef
 from mtprl.report.stats import describe, paired_comparison
 from mtprl.tasks.scoring import average_of_suites
 
@@ -38,12 +41,21 @@ WALL_TIME = "wall_time"
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs by regime, regimes in REGIME_ORDER then any others alphabetically, runs by seed."""
+    """Runs by regime (λ₀ arm), regimes in REGIME_ORDER then any others alphabetically, runs by seed."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.regime, []).append(run)
     rank = {name: i for i, name in enumerate(REGIME_ORDER)}
-    ordered = sorted(groups, key=lambda name: (rank.get(name, len(rank)), name))
+
+    def order(name: str):  # λ₀ arms REGIME@λ₀ beside their regime, by λ₀
+        regime, _, coef = name.partition("@")
+        try:
+            value = float(coef) if coef else -math.inf
+        except ValueError:
+            value = math.inf
+        return rank.get(regime, len(rank)), regime, value, name
+
+    ordered = sorted(groups, key=order)
     return {name: sorted(groups[name], key=lambda run: str(run.seed)) for name in ordered}
 
 
@@ -135,6 +147,34 @@ def _paired(table: dict[str, dict[str, Any]], columns: list[str]) -> dict[str, A
     return out
 
 
+# The MTP head as a drafter over training: (kind, key, label); rollout acceptance only for runs that drafted.
+MTP_TRACKS = (("train", "mtp/0/top1", "teacher-forced top-1, head 0 (train)"),
+              ("eval", "eval/mtp_top1", "teacher-forced top-1 (eval)"),
+              ("eval", "eval/mtp_accept", "speculative acceptance (eval)"),
+              ("train", "rollout/accept_rate", "speculative acceptance (rollouts)"))
+
+
+def _mtp_over_training(groups: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
+    """{regime: {key: {"label", "first", "last", "first_step", "last_step", "seeds"}}}: the seed-mean at each
+    regime's first and last logged step of every MTP track it logs."""
+    out: dict[str, dict[str, Any]] = {}
+    for regime, runs in groups.items():
+        for kind, key, label in MTP_TRACKS:
+            chosen = [r for r in runs if key != "rollout/accept_rate" or (r.config.get("draft_tokens") or 0) > 0]
+            per_run = []
+            for run in chosen:
+                points = [(row["step"], number(row, key)) for row in (run.train if kind == "train" else run.evals)]
+                points = [(s, v) for s, v in points if v is not None]
+                if points:
+                    per_run.append((points[0], points[-1]))
+            if per_run:
+                out.setdefault(regime, {})[key] = {
+                    "label": label, "first": sum(p[0][1] for p in per_run) / len(per_run),
+                    "last": sum(p[1][1] for p in per_run) / len(per_run), "first_step": min(p[0][0] for p in per_run),
+                    "last_step": max(p[1][0] for p in per_run), "seeds": len(per_run)}
+    return out
+
+
 def _run_entry(run: Run) -> dict[str, Any]:
     config = run.config
     return {"path": run.path, "regime": run.regime, "seed": run.seed, "finished": run.finished,
@@ -153,6 +193,7 @@ def summarize(runs: Sequence[Run], base: Base | None = None) -> dict[str, Any]:
         "runs": [_run_entry(run) for g in groups.values() for run in g],
         "regimes": list(groups),
         "reference": REFERENCE,
+        "base_coef": reference_coef(runs),
         "suites": suites,
         "metrics": metrics,
         "headline": metrics[0] if metrics else None,
@@ -163,6 +204,7 @@ def summarize(runs: Sequence[Run], base: Base | None = None) -> dict[str, Any]:
         "base": None if base is None else {"path": base.path, "model": base.model,
                                            "weights_hash": base.weights_hash, "values": base.values},
         "gain": _gains(groups, base, metrics, columns),
+        "mtp_over_training": _mtp_over_training(groups),
     }
     summary["claims"] = evaluate_claims(groups, summary)
     return summary
