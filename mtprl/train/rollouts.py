@@ -107,9 +107,14 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
         rewards=dist.gather_rows(shaped.to(device)), correct=dist.gather_rows((raw >= 1.0).to(device)),
         truncated=dist.gather_rows(truncated.to(device)),
         metrics=dist.mean_values({k: float(v) for k, v in rollout.metrics.items()}),
-        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0) if getattr(cfg, "reuse_rollout_log_probs", False)
-        else None,  # kept (and gathered) only for the option that reads them
+        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0) if keep_log_probs(cfg) else None,
     )
+
+
+def keep_log_probs(cfg) -> bool:
+    """Whether the sampler's log-probs are kept (and gathered): only for what reads them, reusing them as the
+    old log-probs or, with the vLLM backend, measuring and correcting its off-policy error."""
+    return bool(getattr(cfg, "reuse_rollout_log_probs", False)) or getattr(cfg, "rollout_backend", "ours") == "vllm"
 
 
 def _pad_cat(parts: list[Tensor], value, left: bool) -> Tensor:
