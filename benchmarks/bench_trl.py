@@ -1,6 +1,7 @@
 """One RL step of `mtprl train` against TRL's `GRPOTrainer`, side by side in one process, interleaved.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_trl.py [--rounds 6 --trl grpo|mtp|none --no-before --reuse
+        --model DIR --device cpu|cuda --dtype float32|bfloat16
         --prompts 16 --dynamic --first-draws 2 --sort --all-options]
 
 Same model (the shipped pre-trained tiny default, float32, one torch thread), same batch: 16
@@ -43,6 +44,12 @@ from collections import defaultdict
 import torch
 
 PHASES = ("generation", "rewards+old_lp", "update")
+SYNC = [lambda: None]  # torch.cuda.synchronize on CUDA, so that every timer sees finished work
+
+
+def now() -> tuple[float, float]:
+    SYNC[0]()
+    return time.perf_counter(), time.process_time()
 
 
 class Clock:
@@ -74,11 +81,12 @@ class Clock:
 
 def timed(clock: Clock, phase: str, fn):
     def wrapper(*args, **kwargs):
-        w, c = time.perf_counter(), time.process_time()
+        w, c = now()
         try:
             return fn(*args, **kwargs)
         finally:
-            clock.add(phase, time.perf_counter() - w, time.process_time() - c)
+            w2, c2 = now()
+            clock.add(phase, w2 - w, c2 - c)
     return wrapper
 
 
@@ -108,18 +116,20 @@ class MtprlVariant:
         original = rollouts.generate
         rollouts.generate = timed(self.clock, "generation", _rollout.generate)
         self.clock.start()
-        w, c = time.perf_counter(), time.process_time()
+        w, c = now()
         try:
             batch, _ = rollouts.collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, self.cfg,
                                               self.step_no, self.dist)
             prepare_log_probs(self.model, None, batch, self.cfg, self.step_no, self.dist)
-            self.clock.add("build", time.perf_counter() - w, time.process_time() - c)
+            w2, c2 = now()
+            self.clock.add("build", w2 - w, c2 - c)
             metrics = train_on_batch(self.model, self.optimizer, self.scheduler, batch, self.cfg, self.step_no,
                                      self.dist, exact=False)
         finally:
             rollouts.generate = original
             lean.ENABLED = True
-        self.clock.finish(self.name, time.perf_counter() - w, time.process_time() - c)
+        w2, c2 = now()
+        self.clock.finish(self.name, w2 - w, c2 - c)
         self.losses.append((metrics["pg/loss"], metrics["mtp/loss"], metrics["grad_norm"]))
 
 
@@ -152,7 +162,8 @@ def trl_trainer(kind: str, model, tokenizer, cfg, rounds: int, out_dir: str):
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, learning_rate=cfg.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         beta=0.0, loss_type="dapo", epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, max_steps=steps_per_rollout * rounds,
-        bf16=False, gradient_checkpointing=False, report_to=[], logging_steps=10 ** 6, use_cpu=True,
+        bf16=cfg.dtype == "bfloat16", gradient_checkpointing=False, report_to=[], logging_steps=10 ** 6,
+        use_cpu=cfg.device == "cpu",
         save_strategy="no", disable_tqdm=True, seed=cfg.seed, shuffle_dataset=False,
     )
     if kind == "grpo":
@@ -178,12 +189,13 @@ def run_rounds(name: str, trainer, per_round: int, mtprl_variants, clock: Clock)
         def on_step_begin(self, args, state, control, **kwargs):
             if self.mark is None:
                 clock.start()
-                self.mark = (time.perf_counter(), time.process_time())
+                self.mark = now()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % per_round:
                 return
-            clock.finish(name, time.perf_counter() - self.mark[0], time.process_time() - self.mark[1])
+            w, c = now()
+            clock.finish(name, w - self.mark[0], c - self.mark[1])
             for v in mtprl_variants:
                 v.step()
             print(f"  round {state.global_step // per_round - 1} done", flush=True)
@@ -233,8 +245,15 @@ def main() -> None:
     ap.add_argument("--all-options", action="store_true", help="add an mtprl variant with every speed option on "
                                                               "(reuse_rollout_log_probs, sort_micro_batches, and "
                                                               "first_draws from --first-draws)")
+    ap.add_argument("--model", default="tiny-default", help="a local MTP / HF checkpoint directory (with its "
+                                                            "tokenizer) instead of the shipped tiny default")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights of every variant (TRL then trains with bf16=True)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.device == "cuda":
+        SYNC[0] = torch.cuda.synchronize
     import transformers
     import trl
 
@@ -242,10 +261,10 @@ def main() -> None:
     from mtprl.train.loop import base_model_path, load_model
 
     cfg = dataclasses.replace(TrainConfig(), dynamic_sampling=args.dynamic, kl_coef=0.0, exact_every=0,
-                              prompts_per_step=args.prompts)
-    model, tokenizer = load_model(base_model_path(cfg), cfg, torch.device("cpu"))
+                              prompts_per_step=args.prompts, model=args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(base_model_path(cfg), cfg, torch.device(args.device))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"1 thread; {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
+          f"{args.model} {args.dtype} on {args.device}, 1 CPU thread; {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
           f"{cfg.mini_batches} optimiser steps per rollout, micro-batch {cfg.micro_batch_size}, regime {cfg.regime}"
           f"{', dynamic sampling' if cfg.dynamic_sampling else ''}",
           flush=True)

@@ -21,12 +21,16 @@ def setup():
     cfg = TrainConfig(prompts_per_step=4, group_size=4, max_new_tokens=24, mini_batches=2, micro_batch_size=4,
                       dynamic_sampling=True, max_draws=2)
     stream, reward, _ = build_problems(cfg)
-    batch, _ = collect_batch(model, tok, stream, reward, cfg, 1, Dist())
+    # collected as for reuse_rollout_log_probs, which keeps the sampler's log-probs (same batch otherwise)
+    batch, _ = collect_batch(model, tok, stream, reward, dataclasses.replace(cfg, reuse_rollout_log_probs=True), 1,
+                             Dist())
     return model, cfg, batch
 
 
 def test_rollout_log_probs_as_old_log_probs_differ_by_rounding_only(setup):
     model, cfg, batch = setup
+    stream, reward, _ = build_problems(cfg)
+    assert collect_batch(model, build_tokenizer(), stream, reward, cfg, 1, Dist())[0].rollout_log_probs is None
     prepare_log_probs(model, None, batch, cfg, 1, Dist())
     recomputed = batch.old_log_probs.clone()
     prepare_log_probs(model, None, batch, dataclasses.replace(cfg, reuse_rollout_log_probs=True), 1, Dist())

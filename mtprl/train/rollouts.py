@@ -94,7 +94,8 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
         rewards=dist.gather_rows(shaped.to(device)), correct=dist.gather_rows((raw >= 1.0).to(device)),
         truncated=dist.gather_rows(truncated.to(device)),
         metrics=dist.mean_values({k: float(v) for k, v in rollout.metrics.items()}),
-        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0),
+        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0) if getattr(cfg, "reuse_rollout_log_probs", False)
+        else None,  # kept (and gathered) only for the option that reads them
     )
 
 
@@ -115,7 +116,8 @@ def _concat(draws: list[Draw], pad_id: int) -> Draw:
         response_mask=_pad_cat([d.response_mask for d in draws], False, left=False),
         rewards=torch.cat([d.rewards for d in draws]), correct=torch.cat([d.correct for d in draws]),
         truncated=torch.cat([d.truncated for d in draws]), metrics=draws[0].metrics,
-        log_probs=_pad_cat([d.log_probs for d in draws], 0.0, left=False),
+        log_probs=None if any(d.log_probs is None for d in draws) else _pad_cat([d.log_probs for d in draws], 0.0,
+                                                                                  left=False),
     )
 
 
