@@ -134,3 +134,19 @@ def test_probe_command_on_a_tiny_run(tiny_checkpoint, tmp_path, one_thread, caps
     assert "coef must be > 0" in capsys.readouterr().err
     assert main(["probe", str(tmp_path)]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_probe_of_a_sharded_checkpoint_equals_that_of_the_unsharded_run(tiny_checkpoint, tmp_path, one_thread):
+    """A 1-process `parallel: fsdp` run trains as `ddp` does; probing its DCP checkpoint (optimiser state loaded
+    into the whole model's optimiser) gives the unsharded run's row, preconditioned terms included."""
+    rows = {}
+    for parallel in ("ddp", "fsdp"):
+        run_dir = train(small_train_config(tiny_checkpoint, tmp_path / parallel, regime="occ", parallel=parallel,
+                                           steps=2, save_every=1, exact_every=1))
+        assert main(["probe", str(run_dir), "--checkpoints", "1", "--prompts", "2", "--samples", "2",
+                     "--fresh-prompts", "2", "--bootstrap", "10"]) == 0
+        rows[parallel] = json.loads((run_dir / "probe" / "probe.jsonl").read_text())
+    for key in ("same_pdot", "fresh_pdot", "J_plus", "J_minus", "proxy_mean_ratio", "exact_slope"):
+        assert rows["fsdp"][key] == pytest.approx(rows["ddp"][key], rel=1e-4, abs=1e-9), key
+    assert rows["ddp"]["same_pdot"] != 0.0

@@ -6,7 +6,8 @@ The slow test launches this file under `torchrun --nproc_per_node 2`. Each worke
    with the exact diagnostics on the second, and rank 0 saves the whole parameters (gathered one at a
    time) and the metrics; the test compares them with one unsharded process within 1e-5;
 2. exports the last model in HF layout from its shards (`export_hf`);
-3. runs `train()` for 2 steps with a checkpoint after each (run A), then resumes A's step-1
+3. runs `train()` for 2 steps with a checkpoint after each (run A: KL loss to a sharded reference
+   model), then resumes A's step-1
    checkpoint on 2 processes (run B: equal to A afterwards).
 The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher).
 """
@@ -95,7 +96,7 @@ def _worker(out: Path, tiny: Path) -> None:
     run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
                micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
                eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1, save_every=1,
-               progress=False, device="cpu", lr=1e-3, parallel="fsdp")
+               progress=False, device="cpu", lr=1e-3, parallel="fsdp", kl_coef=0.05)
     train(TrainConfig(**run, output_dir=str(out / "A")))
     if dist.is_main:  # as if A had been killed after its step-1 checkpoint
         shutil.copytree(out / "A", out / "B")
@@ -208,7 +209,7 @@ def test_fsdp_two_processes_match_one(tmp_path):
                           "--micro-batch-size", "2", "--max-new-tokens", "12", "--overlong-buffer", "11",
                           "--max-draws", "2", "--eval-every", "0", "--no-eval-at-start", "--eval-limit", "2",
                           "--eval-k", "2", "--eval-suites", "add-easy", "--exact-every", "1", "--save-every", "1",
-                          "--no-progress", "--device", "cpu", "--lr", "1e-3"],
+                          "--no-progress", "--device", "cpu", "--lr", "1e-3", "--kl-coef", "0.05"],
                          env=env, capture_output=True, text=True, timeout=200)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process (world size 1" in one.stderr

@@ -99,7 +99,8 @@ def test_streamed_export_equals_save_pretrained(tmp_path):
 
 
 def test_one_process_sharded_run_equals_unsharded(tmp_path, tiny_checkpoint):
-    """A 1-process `parallel: fsdp` run (its own one-rank gloo group, DCP checkpoint) trains as `ddp` does."""
+    """A 1-process `parallel: fsdp` run (its own one-rank gloo group, DCP checkpoint) trains as `ddp` does,
+    with a sharded reference model (KL loss) and speculative rollouts from the gathered model."""
     import torch.distributed as torch_dist
 
     from mtprl.train import train
@@ -108,7 +109,8 @@ def test_one_process_sharded_run_equals_unsharded(tmp_path, tiny_checkpoint):
     runs = {}
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        train(small_train_config(tiny_checkpoint, out, parallel=parallel, exact_every=1))
+        train(small_train_config(tiny_checkpoint, out, parallel=parallel, exact_every=1, kl_coef=0.05,
+                                 draft_tokens=1))
         runs[parallel] = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out / "metrics.jsonl")]
     assert not torch_dist.is_initialized()  # the run's own one-rank group is gone
     for a, b in zip(runs["ddp"], runs["fsdp"], strict=True):
@@ -126,3 +128,21 @@ def test_one_process_sharded_run_equals_unsharded(tmp_path, tiny_checkpoint):
     two = MTPCausalLM.from_pretrained(sharded / "model")
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+
+
+def test_a_crash_inside_the_sharded_write_leaves_no_complete_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    """A DCP save that dies half-way leaves a hidden temporary directory, never a step-N that looks complete."""
+    import mtprl.train.checkpoint as checkpoint
+    from mtprl.train import train
+
+    def dies(directory, model, optimizer):
+        directory.mkdir(parents=True)
+        (directory / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt("killed while writing shards")
+
+    monkeypatch.setattr(checkpoint, "_save_sharded", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_train_config(tiny_checkpoint, tmp_path / "run", parallel="fsdp", exact_every=0, steps=1))
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.complete_checkpoints(root) == [] and checkpoint.latest_checkpoint(root) is None
+    assert [p.name for p in root.iterdir()] == [".tmp-step-00000001"]

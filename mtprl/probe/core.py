@@ -191,7 +191,7 @@ def load_state(cfg, checkpoint: Path, dist: Dist) -> Loaded:
     apply_regime(model, cfg.regime)
     ref_model = load_model(base_model_path(cfg), cfg, dist.device)[0].requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer, scheduler = build_optimizer(model, cfg)
-    state = load_trainer_state(checkpoint, optimizer, scheduler, dist)
+    state = load_trainer_state(checkpoint, optimizer, scheduler, dist, model=model)  # a sharded checkpoint loads here
     stream, reward_fn, _ = build_problems(cfg)
     stream.seek(int(state["data_position"]))
     return Loaded(cfg, model, tokenizer, ref_model, optimizer, scheduler, stream, reward_fn, int(state["step"]))
