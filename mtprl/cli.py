@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("mtprl.pretrain.command", "pre-train the embedded default on generated traces (cached per config)"),
     "probe": ("mtprl.probe.command", "finite-difference probe: the true effect of λ on J at a run's checkpoints"),
     "report": ("mtprl.report.command", "build a report folder (tables, claims, figures) from run directories"),
+    "acceptance": ("mtprl.integrations.vllm_acceptance", "MTP acceptance of a checkpoint in vLLM beside our engine "
+                                                         "(held-out prompts, greedy and T = 1; needs vLLM)"),
 }
 
 

@@ -113,3 +113,13 @@ def test_report_reads_its_config_file_and_writes_beside_the_runs(tmp_path, capsy
     assert (tmp_path / "runs" / "report" / "report.md").is_file()  # beside the runs, not ./report
     assert not (tmp_path / "report").exists()
     assert f"report written to {tmp_path / 'runs' / 'report' / 'report.md'}" in capsys.readouterr().out
+
+
+def test_acceptance_without_vllm_or_a_checkpoint_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    assert main(["acceptance"]) == 2
+    assert "no checkpoint given" in capsys.readouterr().err
+    assert main(["acceptance", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert ("needs vLLM" in err) if importlib.util.find_spec("vllm") is None else ("neither a model directory" in err)

@@ -183,9 +183,8 @@ def test_sampled_rows_stop_at_eos_and_finished_rows_leave_the_batch(model, monke
     sizes, select = [], DecodeState.select
     monkeypatch.setattr(DecodeState, "select", lambda self, keep: sizes.append(len(keep)) or select(self, keep))
     params = SamplingParams(max_new_tokens=40, temperature=1.0, n=8, draft_tokens=2)
-    out = generate(model, PROMPTS, params, eos_token_id=TOK.convert_tokens_to_ids(" "),
-                   generator=torch.Generator().manual_seed(0))
-    eos = TOK.convert_tokens_to_ids(" ")
+    eos = TOK.encode(" ", add_special_tokens=False)[0]  # the space's token (stored as 'Ġ', byte-level)
+    out = generate(model, PROMPTS, params, eos_token_id=eos, generator=torch.Generator().manual_seed(0))
     stopped = [r == "stop" for r in out.finish_reasons]
     assert 0 < sum(stopped) < len(stopped)
     for i, s in enumerate(stopped):

@@ -8,6 +8,15 @@ records `num_nextn_predict_layers`. A checkpoint that has fewer MTP layers than 
 none) gets fresh ones: the decoder block is copied from the trunk's last layer (a warm start that
 already reads the trunk's representation), the projection is drawn from N(0, initializer_range²)
 and the norms start at one. Only safetensors weights are read for the MTP layers.
+
+Serving (vLLM, `method: mtp`): vLLM picks its model class from `architectures`, AutoModelForCausalLM
+from `model_type`. A Qwen2 trunk with MTP layers in MiMo's layout is saved with `architectures:
+["MiMoForCausalLM"]` (vLLM's MiMo is Qwen2's trunk plus `model.mtp_layers.N.*`) and keeps
+`model_type: qwen2`, so both load it. DeepSeek-V3, GLM-4 MoE and Qwen3-Next checkpoints keep their
+own architecture, which vLLM drafts from natively. Any other pairing (e.g. a Llama trunk with fresh
+MiMo-layout layers) saves for AutoModelForCausalLM, but vLLM has no MTP model for it:
+`vllm_mtp_architecture` names the reason. The default's tokenizer is saved in its byte-level form
+(`mtprl.model.tokenizer`), which AutoTokenizer reads back with our ids.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 from transformers.utils import logging as hf_logging
 
-from mtprl.model.layout import LEGACY_MTPRL, MIMO, declared_mtp_layers, layout_of
+from mtprl.model.layout import DEEPSEEK, GLM4_MOE, LEGACY_MTPRL, MIMO, QWEN3_NEXT, declared_mtp_layers, layout_of
+from mtprl.model.tokenizer import export_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +110,26 @@ def mtp_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+# (model_type, layout) -> the vLLM architecture that serves the checkpoint with its MTP layers as the drafter.
+_VLLM_MTP = {("qwen2", MIMO): "MiMoForCausalLM", ("mimo", MIMO): "MiMoForCausalLM",
+             ("deepseek_v3", DEEPSEEK): "DeepseekV3ForCausalLM", ("glm4_moe", GLM4_MOE): "Glm4MoeForCausalLM",
+             ("qwen3_next", QWEN3_NEXT): "Qwen3NextForCausalLM"}
+
+
+def vllm_mtp_architecture(config, layout) -> tuple[str | None, str]:
+    """(vLLM architecture that drafts with these MTP layers, or None; the reason when None)."""
+    arch = _VLLM_MTP.get((getattr(config, "model_type", None), layout))
+    if arch is not None:
+        return arch, ""
+    if layout == LEGACY_MTPRL:
+        return None, ("its MTP layers use mtprl 0.1's convention (post-norm trunk state, position-0 token kept), "
+                      "which vLLM's MiMo does not compute; re-train or re-initialise the MTP layers")
+    supported = sorted({m for m, _ in _VLLM_MTP})
+    return None, (f"vLLM has no MTP drafter for a '{getattr(config, 'model_type', None)}' trunk with MTP layers in "
+                  f"the {layout.naming} layout (served with MTP: {supported} in their own layouts; a qwen2 trunk "
+                  "with MiMo-layout layers is served as MiMoForCausalLM)")
+
+
 def save_mtp_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,6 +137,12 @@ def save_mtp_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
     model.config.mtp_layout = model.layout.to_dict()
     with quiet_transformers():
         model.base.save_pretrained(directory, safe_serialization=True)
+    arch, _ = vllm_mtp_architecture(model.config, model.layout)
+    if arch is not None:  # save_pretrained writes the class's own name; vLLM reads this field to pick its model
+        config_file = directory / "config.json"
+        fields = json.loads(config_file.read_text())
+        fields["architectures"] = [arch]
+        config_file.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     extra = mtp_state_dict(model)
     index_file = directory / "model.safetensors.index.json"
     if index_file.exists():  # sharded: the MTP layers get a shard of their own
@@ -121,7 +157,7 @@ def save_mtp_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
         tensors.update(extra)
         save_file(tensors, single, metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        export_tokenizer(tokenizer).save_pretrained(directory)
     return directory
 
 

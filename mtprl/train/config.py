@@ -101,6 +101,14 @@ class TrainConfig:
     top_p: float = opt(1.0, "nucleus sampling of rollouts; 1: off")
     top_k: int = opt(0, "top-k sampling of rollouts; 0: off")
     draft_tokens: int = opt(0, "speculative rollouts: tokens drafted by the MTP heads per step; 0: plain sampling")
+    rollout_backend: Literal["ours", "vllm"] = opt("ours", "engine of the training rollouts: ours, or a colocated vLLM "
+                                                           "engine (weights pushed after every step, MTP layers "
+                                                           "included; draft_tokens -> num_speculative_tokens; one "
+                                                           "process); evaluation stays on ours")
+    vllm_kv_cache_mb: int = opt(256, "KV cache of the vLLM engine in MiB (rollout_backend vllm)")
+    tis_cap: float = opt(0.0, "truncated importance sampling against the vLLM engine's log-probs: each token's "
+                              "policy-gradient term weighted by min(π_old / π_vllm, tis_cap); 0: off "
+                              "(rollout_backend vllm only)")
     reuse_rollout_log_probs: bool = opt(False, "an approximation: take the old log-probs from the rollout instead of "
                                                "recomputing them in the training layout (saves that forward pass; "
                                                "they differ by float rounding, ~1e-5, so the ratio and OCC's λ are "
@@ -197,6 +205,21 @@ class TrainConfig:
                 f"reuse_rollout_log_probs needs top_p 1 and top_k 0 (got {self.top_p}, {self.top_k}): the rollout's "
                 "log-probs are those of the filtered distribution, the update's of the plain softmax")
         require(self.eval_k >= 1, f"eval_k must be >= 1, got {self.eval_k}")
+        require(self.tis_cap == 0 or self.tis_cap >= 1, f"tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
+        require(self.tis_cap == 0 or self.rollout_backend == "vllm",
+                "tis_cap corrects for the vLLM engine's log-probs differing from the trainer's; with "
+                "rollout_backend ours they are the same, so set rollout_backend: vllm or tis_cap: 0")
+        require(not (self.rollout_backend == "vllm" and self.reuse_rollout_log_probs),
+                "rollout_backend vllm recomputes the old log-probs in the trainer (the vLLM engine's differ from "
+                "them, and that off-policy error is what rollout/mismatch_* and tis_cap measure and correct); "
+                "set reuse_rollout_log_probs: false")
+        require(not (self.rollout_backend == "vllm" and self.parallel == "fsdp"),
+                "rollout_backend vllm runs one unsharded process (the engine is built from the model as "
+                "save_pretrained writes it); use parallel: ddp with one process, or rollout_backend ours")
+        require(self.vllm_kv_cache_mb >= 1, f"vllm_kv_cache_mb must be >= 1, got {self.vllm_kv_cache_mb}")
+        require(self.rollout_backend != "vllm" or importlib.util.find_spec("vllm") is not None,
+                "rollout_backend vllm needs vLLM: `pip install mtprl[vllm]` on GPUs, `make install-vllm` on CPU "
+                "(then run with .venv-vllm/bin/mtprl)")
         require(self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
         require(self.final_eval_limit == 0 or self.final_eval_limit >= self.eval_limit,
                 f"final_eval_limit ({self.final_eval_limit}) must be 0 (same as eval_limit) or at least eval_limit "

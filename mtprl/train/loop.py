@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mtprl.config import ConfigError, config_to_dict
+from mtprl.losses.offpolicy import rollout_mismatch
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
 from mtprl.train.checkpoint import is_sharded_checkpoint, load_trainer_state, save_checkpoint
@@ -35,7 +36,9 @@ from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
 from mtprl.train.evaluate import evaluate, write_problem_results
-from mtprl.train.fsdp import check_sharded_run, ensure_process_group, gathered, release_process_group, shard_model
+from mtprl.train.fsdp import (
+    check_sharded_run, ensure_process_group, gathered, iter_full_state, release_process_group, shard_model,
+)
 from mtprl.train.metrics import MetricsLog, Progress
 from mtprl.train.rundir import RunLock, StartPlan, commit_start, plan_start, print_notes
 from mtprl.train.rollouts import collect_batch
@@ -128,6 +131,7 @@ class Run:
     suites: dict
     log: MetricsLog
     started: float  # perf_counter value that corresponds to time 0 of the run
+    engine: object | None = None  # the colocated VLLMEngine of rollout_backend vllm (train/vllm_rollouts.py)
 
     def now(self) -> float:
         return time.perf_counter() - self.started
@@ -136,13 +140,19 @@ class Run:
         cfg, t0 = self.cfg, time.perf_counter()
         with gathered(self.model):  # sharded: every layer whole once, not per decoding step
             batch, metrics = collect_batch(self.model, self.tokenizer, self.stream, self.reward_fn, cfg, step,
-                                           self.dist)
+                                           self.dist, self.engine)
         t1 = time.perf_counter()
         with gathered(self.model), gathered(self.ref_model):
             prepare_log_probs(self.model, self.ref_model, batch, cfg, step, self.dist)
+        if self.engine is not None:  # the off-policy error of the vLLM engine against the trainer
+            metrics.update(rollout_mismatch(batch.old_log_probs, batch.rollout_log_probs, batch.loss_mask))
         exact = cfg.exact_every > 0 and (step - 1) % cfg.exact_every == 0
         metrics.update(train_on_batch(self.model, self.optimizer, self.scheduler, batch, cfg, step, self.dist, exact))
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+        if self.engine is not None:  # the next rollout samples from the updated weights, MTP layers included
+            t2 = time.perf_counter()
+            self.engine.sync(self.model, iter_full_state(self.model))  # whole tensors, one at a time if sharded
+            metrics["time/weight_sync_s"] = time.perf_counter() - t2
         return self.log.log("train", step, self.now(), metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -213,8 +223,13 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
         accelerator.init_trackers(cfg.project, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                        for k, v in config_to_dict(cfg).items()})
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=dist.is_main)
+    engine = None
+    if cfg.rollout_backend == "vllm":
+        from mtprl.train.vllm_rollouts import start_engine
+
+        engine = start_engine(model, tokenizer, cfg, dist.world)
     run = Run(cfg, run_dir, dist, model, tokenizer, ref_model, optimizer, scheduler, stream, reward_fn, suites, log,
-              started=time.perf_counter() - elapsed)
+              started=time.perf_counter() - elapsed, engine=engine)
     return run, done
 
 

@@ -63,23 +63,36 @@ def sampling_params(cfg, n: int, temperature: float) -> SamplingParams:
                           top_k=cfg.top_k, n=n, draft_tokens=cfg.draft_tokens)
 
 
-def generate_shared(model, tokenizer, prompts: list[list[int]], params: SamplingParams, seed: int, dist: Dist):
-    """This worker's share of `prompts` sampled (rollout engine), decoded; returns (rollout, texts, share)."""
+def generate_shared(model, tokenizer, prompts: list[list[int]], params: SamplingParams, seed: int, dist: Dist,
+                    engine=None):
+    """This worker's share of `prompts` sampled (our engine, or `engine`: a `VLLMEngine`), decoded;
+    returns (rollout, texts, share)."""
     share = dist.share(len(prompts))
     local = prompts[share]
-    generator = torch.Generator(device=model.device).manual_seed(derive_seed(seed, dist.rank))
-    model.eval()
-    rollout = generate(model, local, params, eos_token_id=tokenizer.eos_token_id, generator=generator)
+    if engine is not None:
+        rollout = engine.generate(local, params, tokenizer.eos_token_id, seed=derive_seed(seed, dist.rank))
+        rollout = _to_device(rollout, model.device)
+    else:
+        generator = torch.Generator(device=model.device).manual_seed(derive_seed(seed, dist.rank))
+        model.eval()
+        rollout = generate(model, local, params, eos_token_id=tokenizer.eos_token_id, generator=generator)
     texts = [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
              for ids, n in zip(rollout.response_ids, rollout.lengths.tolist())]
     return rollout, texts, share
 
 
-def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int, dist: Dist) -> Draw:
+def _to_device(rollout, device):
+    return dataclasses.replace(rollout, **{f.name: getattr(rollout, f.name).to(device)
+                                           for f in dataclasses.fields(rollout)
+                                           if isinstance(getattr(rollout, f.name), Tensor)})
+
+
+def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int, dist: Dist, engine=None) -> Draw:
     """Sample, score and gather one draw of `problems` (group_size responses each)."""
     prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
     rollout, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, cfg.group_size,
-                                                                                      cfg.temperature), seed, dist)
+                                                                                      cfg.temperature), seed, dist,
+                                            engine)
     local_problems = [problems[share][int(i)] for i in rollout.prompt_index]
     raw = torch.tensor([reward_fn(p, t) for p, t in zip(local_problems, texts)], dtype=torch.float32)
     lengths = rollout.lengths.cpu()
@@ -94,9 +107,14 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
         rewards=dist.gather_rows(shaped.to(device)), correct=dist.gather_rows((raw >= 1.0).to(device)),
         truncated=dist.gather_rows(truncated.to(device)),
         metrics=dist.mean_values({k: float(v) for k, v in rollout.metrics.items()}),
-        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0) if getattr(cfg, "reuse_rollout_log_probs", False)
-        else None,  # kept (and gathered) only for the option that reads them
+        log_probs=dist.gather_rows(rollout.log_probs.float(), 0.0) if keep_log_probs(cfg) else None,
     )
+
+
+def keep_log_probs(cfg) -> bool:
+    """Whether the sampler's log-probs are kept (and gathered): only for what reads them, reusing them as the
+    old log-probs or, with the vLLM backend, measuring and correcting its off-policy error."""
+    return bool(getattr(cfg, "reuse_rollout_log_probs", False)) or getattr(cfg, "rollout_backend", "ours") == "vllm"
 
 
 def _pad_cat(parts: list[Tensor], value, left: bool) -> Tensor:
@@ -138,15 +156,16 @@ def select_groups(draw_rewards: list[Tensor], group_size: int, wanted: int, dyna
 
 
 def collect_batch(model, tokenizer, stream: ProblemStream, reward_fn: RewardFn, cfg, step: int,
-                  dist: Dist) -> tuple[TrainBatch, dict[str, float]]:
-    """The rollout batch of training step `step` (advantages set, log-probs not yet) and its metrics."""
+                  dist: Dist, engine=None) -> tuple[TrainBatch, dict[str, float]]:
+    """The rollout batch of training step `step` (advantages set, log-probs not yet) and its metrics;
+    sampled by `engine` (a `VLLMEngine`) when given, else by our engine."""
     n, draws = cfg.group_size, []
     max_draws, first = (cfg.max_draws, getattr(cfg, "first_draws", 1)) if cfg.dynamic_sampling else (1, 1)
     while len(draws) < max_draws:
         k = first if not draws else 1  # draws sampled together in this batch of the engine
         problems = stream.take(cfg.prompts_per_step * k)
         seed = derive_seed("rollout", cfg.seed, step, len(draws))
-        sampled = sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist)
+        sampled = sample_draw(model, tokenizer, problems, reward_fn, cfg, seed, dist, engine)
         rows = cfg.prompts_per_step * n  # prompt-major: draw j is rows j*rows .. (j+1)*rows - 1
         draws.extend([sampled] if k == 1 else
                      [sampled.rows(torch.arange(j * rows, (j + 1) * rows, device=sampled.rewards.device))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
+from mtprl.losses.offpolicy import tis_weights
 from mtprl.train.batch import (
     Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs, sort_lengths,
 )
@@ -93,7 +94,11 @@ def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts) -> tuple[Tensor,
     if not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
         raise RuntimeError("the model scores other tokens than the batch layout expects; "
                            "mtprl.train.batch.head_masks must follow MTPCausalLM.token_log_probs")
-    loss_rl, pg = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask, cfg.clip_low,
+    advantages, tis = mb.advantages, {}
+    if getattr(cfg, "tis_cap", 0) > 0:  # TIS: per-token weights as advantage factors (mtprl.losses.offpolicy)
+        weights, tis = tis_weights(mb.old_log_probs, mb.rollout_log_probs, mb.loss_mask, cfg.tis_cap)
+        advantages = mb.advantages[:, None] * weights  # [B, R]
+    loss_rl, pg = policy_loss(lp.log_probs, mb.old_log_probs, advantages, mb.loss_mask, cfg.clip_low,
                               cfg.clip_high, cfg.dual_clip, cfg.loss_agg, global_tokens=counts.tokens,
                               global_seqs=counts.seqs, norm_length=float(cfg.max_new_tokens))
     regime = get_regime(cfg.regime)
@@ -105,7 +110,7 @@ def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts) -> tuple[Tensor,
     loss_mtp, mtp = mtp_loss(regime, coef=cfg.mtp_coef, occ_estimator=cfg.occ_estimator, occ_eps=cfg.occ_eps,
                              occ_clip=tuple(cfg.occ_clip) or None, exact_slope=slopes, **inputs)
     loss = loss_rl + loss_mtp
-    metrics = {**pg, **mtp, **_diagnostics(lp, mb)}
+    metrics = {**pg, **mtp, **tis, **_diagnostics(lp, mb)}
     if cfg.kl_coef > 0:
         kl, kl_metrics = kl_loss(lp.log_probs, mb.ref_log_probs, mb.loss_mask, cfg.kl_estimator, cfg.loss_agg,
                                  global_tokens=counts.tokens, global_seqs=counts.seqs,
