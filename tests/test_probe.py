@@ -126,6 +126,13 @@ def test_probe_command_on_a_tiny_run(tiny_checkpoint, tmp_path, one_thread, caps
     assert row["heldout_dot"] == pytest.approx(step2["heldout/0/dot"], rel=1e-5)
     assert {"dJ_dlambda", "dJ_dlambda_se", "curvature", "curvature_se", "fresh_pdot", "time/total_s"} <= row.keys()
     assert (run_dir / "probe" / "summary.json").is_file() and (run_dir / "probe" / "report.md").is_file()
+    # the run's report reads the probe rows: its probe figure, and claim (5) from the probe (one row: too few)
+    from mtprl.report import build_report
+
+    summary = build_report([run_dir], tmp_path / "report")
+    assert {f["file"]: f["written"] for f in summary["figures"]}["probe.png"]
+    claim5 = summary["claims"][4]
+    assert "finite-difference probe" in claim5["claim"] and claim5["evidence"]["rows"] == 1
     capsys.readouterr()
     # bad input is refused in one line before any model is loaded
     assert main(["probe", str(run_dir), "--checkpoints", "7"]) == 2

@@ -155,9 +155,9 @@ def test_figures_are_valid_pngs(report):
     summary, out = report
     files = {f["file"]: f for f in summary["figures"]}
     assert set(files) == {"accuracy_avg.png", "accuracy_suites.png", "occ_coefficients.png", "exact_terms.png",
-                          "proxy_vs_exact.png", "mtp_acceptance.png", "entropy.png", "heldout_terms.png"}
-    # these runs were logged without held-out terms: that figure alone is skipped, with its reason
-    assert not files.pop("heldout_terms.png")["written"]
+                          "proxy_vs_exact.png", "mtp_acceptance.png", "entropy.png", "heldout_terms.png", "probe.png"}
+    # these runs were logged without held-out terms and never probed: those figures alone are skipped
+    assert not files.pop("heldout_terms.png")["written"] and not files.pop("probe.png")["written"]
     assert all(f["written"] for f in files.values())
     for name in files:
         (width, height), size = png_size(out / name)
@@ -172,7 +172,7 @@ def test_missing_data_skips_figures_and_claims(tmp_path):
     (out / "proxy_vs_exact.png").write_bytes(PNG_SIGNATURE)  # a stale figure from an earlier report
     summary = build_report(dirs, out)
     skipped = {f["file"]: f["reason"] for f in summary["figures"] if not f["written"]}
-    assert set(skipped) == {"exact_terms.png", "proxy_vs_exact.png", "heldout_terms.png"}
+    assert set(skipped) == {"exact_terms.png", "proxy_vs_exact.png", "heldout_terms.png", "probe.png"}
     assert not (out / "proxy_vs_exact.png").exists()
     text = (out / "report.md").read_text()
     assert f"Skipped: {skipped['exact_terms.png']}." in text

@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
               f"{row['heldout_pdot'] if row['heldout_pdot'] is None else format(row['heldout_pdot'], '+.3g')} "
               f"({row['time/total_s']:.1f} s)", flush=True)
     stats = agreement(all_rows, resamples=cfg.bootstrap, seed=cfg.seed)
-    drawn = probe_figure(all_rows, out / "probe.png")
+    fig = probe_figure(all_rows)
+    drawn = fig is not None
+    if drawn:
+        fig.savefig(out / "probe.png", dpi=110)
     summary = {"run_dir": cfg.run_dir, "rows": len(all_rows), "agreement": stats,
                "wall_time_s": time.perf_counter() - start, "probe_config": dataclasses.asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

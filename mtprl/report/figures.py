@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from mtprl.report.claims import OCC_REGIMES, proxy_pairs
 from mtprl.report.keys import AVG, eval_value, head_indices
 from mtprl.report.load import Run, base_regime, number
+from mtprl.report.probe import probe_figure
 from mtprl.report.series import RowValue, Series, align
 from mtprl.report.stats import pearson
 
@@ -185,6 +186,12 @@ def fig_heldout_terms(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     return fig if fig is not None else "no run logs heldout/{k}/dot (runs logged before the held-out terms)"
 
 
+def fig_probe(groups: Groups, summary: dict[str, Any]) -> Figure | str:
+    rows = [row for runs in groups.values() for run in runs for row in run.probe]
+    fig = probe_figure(rows)
+    return fig if fig is not None else "no run was probed (mtprl probe RUN_DIR writes RUN_DIR/probe/probe.jsonl)"
+
+
 def fig_proxy_vs_exact(groups: Groups, summary: dict[str, Any]) -> Figure | str:
     pairs = proxy_pairs(groups)
     if not pairs:
@@ -246,6 +253,7 @@ FIGURES: tuple[tuple[str, str, Callable[[Groups, dict[str, Any]], Figure | str]]
     ("heldout_terms.png", "held-out correlation term (beside the same-batch one) and penalty vs step",
      fig_heldout_terms),
     ("proxy_vs_exact.png", "OCC proxy ĉ vs exact slope", fig_proxy_vs_exact),
+    ("probe.png", "finite-difference probe: measured dJ/dλ against the predictors (all probed runs)", fig_probe),
     ("mtp_acceptance.png", "MTP acceptance / top-1 vs step", fig_mtp_acceptance),
     ("entropy.png", "entropy vs step", fig_entropy),
 )

@@ -103,14 +103,14 @@ def agreement_table(stats: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def probe_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Scatter of every predictor against dJ/dλ (± 1 SE) into `path` (PNG); False without rows."""
+def probe_figure(rows: Sequence[dict[str, Any]]):
+    """Scatter of every predictor against dJ/dλ (± 1 SE), a matplotlib Figure; None without rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     keys = [k for k in PREDICTORS if any(number(r, k) is not None for r in rows)]
     if not rows or not keys:
-        return False
+        return None
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.3 * nrows), layout="constrained")
@@ -128,5 +128,4 @@ def probe_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel("dJ/dλ (± 1 SE)", fontsize=8)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
-    fig.savefig(path, dpi=110)
-    return True
+    return fig
