@@ -131,13 +131,6 @@ def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[
     return len(trunk), len(mtp)
 
 
-def _read_from_worker(worker, which: str) -> dict[str, torch.Tensor]:
-    """Runs on the vLLM worker: copies of the target's (`trunk`) or the drafter's (`mtp`) parameters, vLLM names."""
-    runner = worker.model_runner
-    module = runner.model if which == "trunk" else runner.drafter.model
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
 @dataclasses.dataclass
 class VLLMSettings:
     """How the colocated engine is built."""
@@ -188,12 +181,6 @@ class VLLMEngine:
         """Push every weight of `model` (an `MTPCausalLM`), trunk and MTP layers; `state` as for `hf_weights`."""
         self.push_weights(hf_weights(model, state))
         self.finish_push()
-
-    def read_weights(self, which: str) -> dict[str, torch.Tensor]:
-        """Copies of the engine's own parameters (vLLM names): `which` = 'trunk' or 'mtp' (tests, checks)."""
-        if which not in ("trunk", "mtp"):
-            raise ValueError(f"which must be 'trunk' or 'mtp', got {which!r}")
-        return self.llm.collective_rpc(_read_from_worker, args=(which,))[0]
 
     # ----- generation -----------------------------------------------------------------------
     def _counters(self) -> dict[str, object]:
