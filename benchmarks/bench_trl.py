@@ -174,6 +174,13 @@ def trl_trainer(kind: str, model, tokenizer, cfg, rounds: int, out_dir: str):
 
 
 def instrument_trl(trainer, clock: Clock) -> None:
+    """Time TRL's phases through two of GRPOTrainer's methods (TRL 1.x); a clear error if they are gone."""
+    import trl
+
+    for method in ("_generate_single_turn", "_generate_and_score_completions"):
+        if not callable(getattr(trainer, method, None)):
+            raise SystemExit(f"TRL {trl.__version__}'s GRPOTrainer has no {method}(); bench_trl times TRL's "
+                             "generation and batch building through it (written for TRL 1.16): update instrument_trl")
     trainer._generate_single_turn = timed(clock, "generation", trainer._generate_single_turn)
     trainer._generate_and_score_completions = timed(clock, "build", trainer._generate_and_score_completions)
 

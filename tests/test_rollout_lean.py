@@ -124,3 +124,11 @@ def test_lean_step_equals_the_trunk_in_bfloat16(family):
     prompts = [[1, 5, 9, 4, 7], [1, 3, 8], [1, 6, 6, 2, 9, 11, 5]]
     for ref, got, _, _ in decode_both(model, prompts, steps=5, holes=True):
         assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+def test_generate_decodes_through_the_lean_step(tiny, monkeypatch):
+    calls = []
+    step = lean.decode_step
+    monkeypatch.setattr(lean, "decode_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    out = generate(tiny, [[1, 5, 6]], SamplingParams(max_new_tokens=6, n=2), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == out.metrics["rollout/verify_steps"] > 0

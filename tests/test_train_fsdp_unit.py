@@ -146,3 +146,32 @@ def test_a_crash_inside_the_sharded_write_leaves_no_complete_checkpoint(tmp_path
     root = tmp_path / "run" / "checkpoints"
     assert checkpoint.complete_checkpoints(root) == [] and checkpoint.latest_checkpoint(root) is None
     assert [p.name for p in root.iterdir()] == [".tmp-step-00000001"]
+
+
+def test_a_sharded_checkpoint_resumes_unsharded(tmp_path, tiny_checkpoint):
+    """A `parallel: fsdp` checkpoint (DCP) resumes under `parallel: ddp` (the model built from the base, the
+    DCP state loaded into it) and the run goes on as the uninterrupted sharded one; the reverse is refused."""
+    import shutil
+
+    from mtprl.train import train
+    from mtprl.train.checkpoint import CheckpointError
+
+    timing = ("time", "time/rollout_s", "time/update_s", "rollout/tokens_per_s")
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run / "metrics.jsonl")]
+
+    whole = tmp_path / "whole"
+    train(small_train_config(tiny_checkpoint, whole, parallel="fsdp", exact_every=0, save_every=1))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    step1 = resumed / "checkpoints" / "step-00000001"
+    train(small_train_config(tiny_checkpoint, resumed, parallel="ddp", exact_every=0, save_every=1, resume=str(step1)))
+    for a, b in zip(records(whole), records(resumed), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == b[key] or abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)
+    assert (resumed / "checkpoints" / "step-00000002" / "optimizer.pt").is_file()  # ddp writes its own format
+    with pytest.raises(CheckpointError, match="resume it with parallel: ddp"):
+        train(small_train_config(tiny_checkpoint, resumed, parallel="fsdp", exact_every=0,
+                                 resume=str(resumed / "checkpoints" / "step-00000002")))

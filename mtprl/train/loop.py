@@ -31,7 +31,7 @@ from mtprl.config import ConfigError, config_to_dict
 from mtprl.losses.offpolicy import rollout_mismatch
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
-from mtprl.train.checkpoint import is_sharded_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import CheckpointError, is_sharded_checkpoint, load_trainer_state, save_checkpoint
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
@@ -196,10 +196,13 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     _announce(dist, run_dir, cfg.exact_every)
     _check_world(cfg, dist)
     plan = _plan(cfg, run_dir, dist, lock)
-    base = base_model_path(cfg)
-    torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
     cfg = dataclasses.replace(cfg, parallel=dist.parallel)  # an accelerate FSDP config selects it too
     whole = plan.resume_from is not None and not is_sharded_checkpoint(plan.resume_from)  # else DCP state below
+    if whole and cfg.parallel == "fsdp":  # refused before anything expensive
+        raise CheckpointError(f"checkpoint '{plan.resume_from}' was written by a data-parallel run (one "
+                              "optimizer.pt), which a sharded run cannot load; resume it with parallel: ddp")
+    base = base_model_path(cfg)
+    torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
     model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
     apply_regime(model, cfg.regime)
     ref_model = None
