@@ -37,12 +37,16 @@ def test_claim_2_ce_below_detach_needs_the_interval_below_zero():
     assert claim["verdict"] == "not reproduced" and "within noise" in claim["explanation"]
 
 
-def test_claim_1_with_one_seed_is_direction_only():
-    # occ 0.4 − detach 0.5 = −0.1 < 0 with a single seed: not reproduced, and said to be untested.
+def test_claims_with_one_seed_are_not_tested_whatever_the_direction():
+    # occ 0.4 − detach 0.5 = −0.1 with a single seed: no interval, so neither verdict; the number is shown.
     claim = claims(detach(0.5) + [make_run("occ", 0, 0.4)])[1]
-    assert claim["verdict"] == "not reproduced"
+    assert claim["verdict"] == "not tested (one seed)"
     assert "-0.100 (one seed: no test)" in claim["explanation"]
-    assert claims(detach(0.5) + [make_run("occ", 0, 0.5)])[1]["verdict"] == "reproduced"  # 0 >= 0: matches
+    assert claims(detach(0.5) + [make_run("occ", 0, 0.6)])[1]["verdict"] == "not tested (one seed)"
+    assert claims(detach(0.5) + [make_run("ce", 0, 0.3)])[2]["verdict"] == "not tested (one seed)"
+    # Claim 3 with one seed: no rise-then-fall (a rising curve) and a (b) without interval -> not tested.
+    policy = make_run("policy", 0, 0.3, curve=[(0, 0.1), (1, 0.2), (2, 0.3)])
+    assert claims(detach(0.5) + [policy])[3]["verdict"] == "not tested (one seed)"
     # Seeds that do not match leave nothing to pair.
     claim = claims(detach(0.5) + [make_run("occ", 7, 0.9)])[1]
     assert claim["verdict"] == NOT_MEASURABLE and "no seed" in claim["explanation"]
@@ -68,9 +72,9 @@ def test_claim_3_noise_from_seeds_and_failure():
     claim = claims(runs)[3]  # no detach run: only part (a) is measurable
     assert claim["verdict"] == "reproduced" and claim["evidence"]["curve"]["noise"] == pytest.approx(0.023570, abs=1e-6)
     assert "(b) not measurable" in claim["explanation"]
-    # A rising curve that ends above detach shows neither part.
-    policy = make_run("policy", 0, 0.7, curve=[(0, 0.4), (1, 0.5), (2, 0.6), (3, 0.7)])
-    assert claims(detach(0.5) + [policy])[3]["verdict"] == "not reproduced"
+    # Rising curves that end above detach (diffs +0.2, +0.22: the interval lies above 0) show neither part.
+    policy = [make_run("policy", s, end, curve=[(0, 0.4), (1, 0.5), (2, 0.6), (3, end)]) for s, end in enumerate((0.7, 0.72))]
+    assert claims(detach(0.5, 0.5) + policy)[3]["verdict"] == "not reproduced"
 
 
 def test_claim_3_ends_below_detach():

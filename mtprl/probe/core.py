@@ -20,6 +20,8 @@ At checkpoint step s of a run (its config.yaml settings, model, optimiser, sched
 4. dJ/dλ ≈ (J₊ − J₋) / 2c and the curvature (J₊ − 2J₀ + J₋) / c², each with the standard error of its
    per-prompt values (the prompts are the independent units).
 Nothing of the run is modified: the copies are built fresh and the global RNG state is restored.
+All sampling here uses mtprl's own engine: for a run with `rollout_backend: vllm` the step-(s + 1)
+batch is therefore not the run's own (another sampler), only one like it from the same state.
 A regime without an MTP term (frozen) has no λ to perturb and is refused.
 
 Cost per checkpoint (the tiny default, one thread; measured figures in README): one rollout batch of

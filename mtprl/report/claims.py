@@ -4,15 +4,15 @@ A verdict is "reproduced", "not reproduced" or "not measurable (missing data)", 
 with the numbers it rests on. The criteria (thresholds are the constants below):
  1. occ matches or beats detach. Paired comparison (by seed) of the final headline *average*
     accuracy, occ − detach: reproduced when its verdict is "better" or "within noise" (the 95%
-    t-interval reaches 0 or above, i.e. occ is not shown worse). With one common seed: when the
-    difference is ≥ 0 (direction only, no test).
+    t-interval reaches 0 or above, i.e. occ is not shown worse). With one common seed there is no
+    interval: the verdict is "not tested (one seed)", with the difference as its number.
  2. ce falls below detach. The same comparison, ce − detach: reproduced when "worse" (the whole
-    interval lies below 0). With one seed: when the difference is < 0 (direction only).
+    interval lies below 0). With one seed: "not tested (one seed)".
  3. Fixed-λ policy loss rises then falls, or ends below detach. (a) On policy's average-accuracy
     curve (mean over seeds at each eval step) the peak lies strictly inside the run and exceeds
     both the first and the last value by more than the noise σ: the mean over steps of the std
     across seeds, or with one seed the std of the step-to-step changes / √2. (b) policy − detach
-    as in claim 2. Reproduced when (a) or (b) holds.
+    as in claim 2. Reproduced when (a) or (b) holds; with one seed and no (a), "not tested (one seed)".
  4. Under policy loss the correlation term decays while the penalty persists. Per policy run, the
     means of the held-out `heldout/0/dot` (⟨g_RL, g_MTP⟩ from disjoint halves of the batch) and
     `heldout/0/g_mtp_sq` (‖g_MTP‖², split-half) over its rows in the first third of steps (step ≤ T/3,
@@ -48,6 +48,7 @@ from mtprl.report.stats import BETTER, WITHIN_NOISE, WORSE, pearson, pearson_p, 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 NOT_MEASURABLE = "not measurable (missing data)"
+NOT_TESTED = "not tested (one seed)"  # a paired comparison of one seed has a direction but no interval
 OCC_REGIMES = ("occ", "occ-exact")
 CLAIM_REGIMES = ("occ", "ce", "policy")  # the regimes claims (1)/(2)/(3)-(4) are about
 DECAY = 0.5  # claim 4: the late correlation term must fall below half its early value
@@ -94,13 +95,13 @@ def describe_comparison(comparison: dict[str, Any]) -> str:
 
 
 def _shown_worse(comparison: dict[str, Any]) -> bool:
-    """'worse' by the interval; with one seed, a negative difference (direction only)."""
-    return comparison["mean"] < 0 if comparison["n"] == 1 else comparison["verdict"] == WORSE
+    """'worse' by the interval (never with one seed: no interval)."""
+    return comparison["n"] > 1 and comparison["verdict"] == WORSE
 
 
 def _not_shown_worse(comparison: dict[str, Any]) -> bool:
-    """'better' or 'within noise' by the interval; with one seed, a difference ≥ 0 (direction only)."""
-    return comparison["mean"] >= 0 if comparison["n"] == 1 else comparison["verdict"] in (BETTER, WITHIN_NOISE)
+    """'better' or 'within noise' by the interval (never with one seed: no interval)."""
+    return comparison["n"] > 1 and comparison["verdict"] in (BETTER, WITHIN_NOISE)
 
 
 def _versus_reference(summary: dict[str, Any], number_: int, regime: str, text: str,
@@ -108,20 +109,21 @@ def _versus_reference(summary: dict[str, Any], number_: int, regime: str, text: 
     """Claims 1 and 2: regime − reference on the headline average, want 'worse' or 'not worse'."""
     if want_worse:
         criterion = (f"paired {regime} − {summary['reference']} on the final average accuracy: the 95% "
-                     "t-interval lies below 0 (one seed: the difference is < 0, no test)")
+                     "t-interval lies below 0 (one seed: not tested)")
     else:
         criterion = (f"paired {regime} − {summary['reference']} on the final average accuracy: 'better' or "
-                     "'within noise', i.e. not shown worse (one seed: the difference is ≥ 0, no test)")
+                     "'within noise', i.e. not shown worse (one seed: not tested)")
     comparison, reason = _avg_comparison(summary, regime)
     if comparison is None:
         return _claim(number_, text, criterion, NOT_MEASURABLE, reason)
     ok = _shown_worse(comparison) if want_worse else _not_shown_worse(comparison)
+    verdict = NOT_TESTED if comparison["n"] == 1 else REPRODUCED if ok else NOT_REPRODUCED
     explanation = (f"{regime} − {summary['reference']} ({summary['headline']} average): "
                    f"{describe_comparison(comparison)}")
     if not want_worse and comparison["verdict"] == WITHIN_NOISE:
         explanation += (f"; 'matches' means only 'not shown worse': the interval still allows "
                         f"{comparison['ci_low']:+.3f}")
-    return _claim(number_, text, criterion, REPRODUCED if ok else NOT_REPRODUCED, explanation, comparison)
+    return _claim(number_, text, criterion, verdict, explanation, comparison)
 
 
 def _noise(series: Series) -> float:
@@ -168,8 +170,10 @@ def claim_policy_rise_fall(groups: dict[str, list[Run]], summary: dict[str, Any]
     else:
         parts.append(f"(b) {policy} − {summary['reference']}: {describe_comparison(comparison)}")
     ok = bool(curve and curve["rise_then_fall"]) or bool(below)
+    untested = not ok and comparison is not None and comparison["n"] == 1  # (b) had no interval to fail
+    verdict = REPRODUCED if ok else NOT_TESTED if untested else NOT_REPRODUCED
     evidence = {"curve": curve, "versus_reference": comparison, "ends_below": below}
-    return _claim(3, text, criterion, REPRODUCED if ok else NOT_REPRODUCED, "; ".join(parts), evidence)
+    return _claim(3, text, criterion, verdict, "; ".join(parts), evidence)
 
 
 HELDOUT_KEYS = ("heldout/{head}/dot", "heldout/{head}/g_mtp_sq")
