@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import json
+import math
 import random
 
 import pytest
@@ -93,6 +94,62 @@ def test_importance_weights_are_one_at_the_sampling_state(tiny_checkpoint):
     assert importance_rewards(model, sampled, cfg) == pytest.approx([0.5, 1.0, 0.0], abs=1e-9)  # rows are prompt-major
 
 
+def _fresh_with_weights(rewards, prompt_index, weights):
+    """A Fresh whose importance weights are `weights` for a model stub whose sequence log-probs are log w."""
+    from mtprl.probe.core import Fresh
+
+    n = len(rewards)
+    return Fresh(batch=None, rewards=torch.tensor(rewards, dtype=torch.float64),
+                 prompt_index=torch.tensor(prompt_index), log_prob=torch.zeros(n, dtype=torch.float64),
+                 prompts=max(prompt_index) + 1), torch.tensor(weights, dtype=torch.float64).log()
+
+
+def test_leave_one_out_baseline_by_hand(monkeypatch):
+    import mtprl.probe.core as core
+
+    # problem 0: rewards 1, 0, 1 with w 1.2, 0.9, 1.0; problem 1: all 1 with w 1.1, 0.8, 1.3
+    fresh, log_w = _fresh_with_weights([1, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1.2, 0.9, 1.0, 1.1, 0.8, 1.3])
+    monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: log_w)
+    plain = importance_rewards(None, fresh, None, baseline="none")
+    assert plain == pytest.approx([(1.2 + 1.0) / 3, (1.1 + 0.8 + 1.3) / 3])
+    loo = importance_rewards(None, fresh, None)  # the default
+    # problem 0: b = (0+1)/2, (1+1)/2, (1+0)/2 = 0.5, 1, 0.5; (r − b)·w + b = 0.5·1.2+0.5, −1·0.9+1, 0.5·1.0+0.5
+    assert loo[0] == pytest.approx((1.1 + 0.1 + 1.0) / 3)
+    assert loo[1] == pytest.approx(1.0)  # every response scores 1: exactly 1 whatever the weights
+    ones, _ = _fresh_with_weights([1, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1.0] * 6)
+    monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: torch.zeros(6, dtype=torch.float64))
+    assert importance_rewards(None, ones, None) == pytest.approx([2 / 3, 1.0])  # w = 1: the plain mean reward
+
+
+def test_leave_one_out_baseline_keeps_the_estimate_unbiased(monkeypatch):
+    """E over responses sampled from π₀ of the leave-one-out estimate equals E_λ[r] (exact enumeration)."""
+    import itertools
+
+    import mtprl.probe.core as core
+
+    p0 = [0.5, 0.3, 0.2]  # π₀ over three responses, rewards 1, 0, 1; π_λ = q
+    q = [0.6, 0.25, 0.15]
+    r = [1.0, 0.0, 1.0]
+    expected = {"none": 0.0, "leave-one-out": 0.0}
+    for draw in itertools.product(range(3), repeat=3):  # three responses to one problem
+        prob = math.prod(p0[i] for i in draw)
+        fresh, log_w = _fresh_with_weights([r[i] for i in draw], [0, 0, 0], [q[i] / p0[i] for i in draw])
+        monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg, log_w=log_w: log_w)
+        for name in expected:
+            expected[name] += prob * importance_rewards(None, fresh, None, baseline=name)[0]
+    truth = sum(qi * ri for qi, ri in zip(q, r))  # 0.75
+    assert expected["none"] == pytest.approx(truth) and expected["leave-one-out"] == pytest.approx(truth)
+
+
+def test_leave_one_out_baseline_refuses_a_single_response(monkeypatch):
+    import mtprl.probe.core as core
+
+    fresh, log_w = _fresh_with_weights([1, 0], [0, 1], [1.0, 1.0])
+    monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: log_w)
+    with pytest.raises(ValueError, match="leave-one-out baseline needs >= 2 responses"):
+        importance_rewards(None, fresh, None)
+
+
 def test_agreement_statistics_by_hand():
     share, n = sign_agreement([1.0, -2.0, 3.0, 0.0], [0.5, 1.0, 2.0, 1.0])
     assert (share, n) == (2 / 3, 3)  # the zero predictor is left out
@@ -157,3 +214,15 @@ def test_probe_of_a_sharded_checkpoint_equals_that_of_the_unsharded_run(tiny_che
     for key in ("same_pdot", "fresh_pdot", "J_plus", "J_minus", "proxy_mean_ratio", "exact_slope"):
         assert rows["fsdp"][key] == pytest.approx(rows["ddp"][key], rel=1e-4, abs=1e-9), key
     assert rows["ddp"]["same_pdot"] != 0.0
+
+
+def test_probe_config_refuses_a_leave_one_out_baseline_with_one_sample(tmp_path):
+    from mtprl.config import ConfigError
+    from mtprl.probe.command import ProbeConfig
+
+    (tmp_path / "config.yaml").write_text("regime: occ\n")
+    ProbeConfig(run_dir=str(tmp_path), samples=1, baseline="none").validate()  # fine without the baseline
+    with pytest.raises(ConfigError, match="baseline leave-one-out needs samples >= 2"):
+        ProbeConfig(run_dir=str(tmp_path), samples=1).validate()
+    with pytest.raises(ConfigError, match="baseline must be leave-one-out or none"):
+        ProbeConfig(run_dir=str(tmp_path), baseline="mean").validate()

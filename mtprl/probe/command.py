@@ -32,6 +32,9 @@ class ProbeConfig:
     estimator: str = opt("importance", "how J is measured with common random numbers: importance (responses sampled "
                                        "once before the update, each updated copy scored by π_λ/π₀) or resample "
                                        "(each copy samples with the same seed)")
+    baseline: str = opt("leave-one-out", "importance estimator's control variate: leave-one-out (r centred on the "
+                                         "mean reward of the problem's other responses; needs samples >= 2; same "
+                                         "mean, lower variance) or none (plain r · π_λ/π₀)")
     seed: int = opt(0, "seed of the fresh problems and of the sampling shared by the three updates")
     bootstrap: int = opt(2000, "bootstrap resamples of the agreement intervals")
     output_dir: str | None = opt(None, "where probe.jsonl, summary.json, report.md, probe.png go; null: RUN_DIR/probe")
@@ -49,6 +52,11 @@ class ProbeConfig:
         require(self.bootstrap >= 0, f"bootstrap must be >= 0, got {self.bootstrap}")
         require(self.estimator in ("importance", "resample"),
                 f"estimator must be importance or resample, got {self.estimator!r}")
+        require(self.baseline in ("leave-one-out", "none"),
+                f"baseline must be leave-one-out or none, got {self.baseline!r}")
+        require(self.baseline == "none" or self.estimator != "importance" or self.samples >= 2,
+                f"baseline leave-one-out needs samples >= 2 (the other responses of a problem), got samples = "
+                f"{self.samples}; raise samples or pass --baseline none")
         require(self.device in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
 
 
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     for step, path in chosen:
         loaded = load_state(train_cfg, path, dist)
         row = probe_checkpoint(loaded, cfg.coef, cfg.prompts, cfg.samples, cfg.seed, cfg.fresh_prompts, dist,
-                               cfg.estimator)
+                               cfg.estimator, cfg.baseline)
         rows.append(row)
         all_rows = write_rows(out / PROBE_FILE, rows)
         print(f"step {step}: J(−c, 0, +c) = {row['J_minus']:.4f}, {row['J_zero']:.4f}, {row['J_plus']:.4f}; "
@@ -117,9 +125,10 @@ def run(args: argparse.Namespace) -> int:
                "wall_time_s": time.perf_counter() - start, "probe_config": dataclasses.asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = agreement_table(stats)
+    how = cfg.estimator + (f", baseline {cfg.baseline}" if cfg.estimator == "importance" else "")
     (out / "report.md").write_text(f"# Finite-difference probe of {cfg.run_dir}\n\n{len(all_rows)} probed "
                                    f"checkpoint(s), c = {cfg.coef}, {cfg.prompts} problems × {cfg.samples} samples "
-                                   f"per J.\n\n{table}\n" + ("\n![probe](probe.png)\n" if drawn else ""))
+                                   f"per J ({how}).\n\n{table}\n" + ("\n![probe](probe.png)\n" if drawn else ""))
     print(table)
     print(f"probe written to {out} (wall time {summary['wall_time_s']:.0f} s)")
     return 0

@@ -14,7 +14,9 @@ At checkpoint step s of a run (its config.yaml settings, model, optimiser, sched
    - "importance" (default): the responses are sampled once at the probed state θ₀ and every copy θ_λ
      is scored on the same ones, J(θ_λ) ≈ mean r·π_λ(y)/π₀(y) (sequence probabilities at the sampling
      temperature; top-p/top-k truncation is ignored). Unbiased for each λ, and the three estimates share
-     their samples, so J₊ − J₋ has a small variance even when one update changes few sampled tokens.
+     their samples, so J₊ − J₋ has a small variance even when one update changes few sampled tokens. By
+     default r is centred on the leave-one-out mean of the problem's other responses (`baseline`), which
+     keeps each J unbiased and removes the noise of problems whose responses all score the same.
    - "resample": each copy samples its own responses with the same problems and the same generator
      seed. One small update rarely flips a sampled token, so J₊ − J₋ is often exactly 0 unless c is large.
 4. dJ/dλ ≈ (J₊ − J₋) / 2c and the curvature (J₊ − 2J₀ + J₋) / c², each with the standard error of its
@@ -146,13 +148,32 @@ def sample_fresh(model, tokenizer, problems, reward_fn: RewardFn, cfg, samples: 
     return Fresh(batch, rewards, rollout.prompt_index.cpu(), sequence_log_probs(model, batch, cfg).cpu(), len(local))
 
 
-def importance_rewards(model, fresh: Fresh, cfg) -> list[float]:
-    """Per problem, mean of r · π_model(y) / π_0(y) over its responses: an unbiased estimate of the updated
-    model's expected reward from the responses of the probed state (the same responses for every copy)."""
+BASELINES = ("leave-one-out", "none")
+
+
+def importance_rewards(model, fresh: Fresh, cfg, baseline: str = "leave-one-out") -> list[float]:
+    """Per problem, an unbiased estimate of the updated model's expected reward from the responses of the
+    probed state (the same responses for every copy), with w = π_model(y) / π_0(y):
+    - "none": mean of r · w over the problem's responses;
+    - "leave-one-out": mean of (r − b) · w + b, b the mean reward of the problem's *other* responses. b is
+      independent of the response it is paired with and E₀[w] = 1, so the mean is unchanged, while a problem
+      whose responses all score the same contributes exactly its reward to every copy: the differences
+      between copies then come only from problems with mixed rewards (the control variate of GRPO's baseline).
+    """
     weights = (sequence_log_probs(model, fresh.batch, cfg).cpu() - fresh.log_prob).exp()
-    totals = torch.zeros(fresh.prompts, dtype=torch.float64).index_add_(0, fresh.prompt_index, fresh.rewards * weights)
-    counts = torch.zeros(fresh.prompts, dtype=torch.float64).index_add_(0, fresh.prompt_index,
-                                                                         torch.ones_like(weights))
+    index, rewards = fresh.prompt_index, fresh.rewards
+    counts = torch.zeros(fresh.prompts, dtype=torch.float64).index_add_(0, index, torch.ones_like(weights))
+    if baseline == "none":
+        terms = rewards * weights
+    elif baseline == "leave-one-out":
+        if bool((counts[index] < 2).any()):
+            raise ValueError("a leave-one-out baseline needs >= 2 responses per problem; sample more or use 'none'")
+        sums = torch.zeros(fresh.prompts, dtype=torch.float64).index_add_(0, index, rewards)
+        others = (sums[index] - rewards) / (counts[index] - 1)
+        terms = (rewards - others) * weights + others
+    else:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    totals = torch.zeros(fresh.prompts, dtype=torch.float64).index_add_(0, index, terms)
     return (totals / counts.clamp(min=1)).tolist()
 
 
@@ -217,7 +238,7 @@ ESTIMATORS = ("importance", "resample")
 
 
 def probe_checkpoint(run: Loaded, c: float, prompts: int, samples: int, probe_seed: int, fresh_prompts: int,
-                     dist: Dist, estimator: str = "importance") -> dict[str, Any]:
+                     dist: Dist, estimator: str = "importance", baseline: str = "leave-one-out") -> dict[str, Any]:
     """One probe row for the loaded state (module docstring); timings in `time/*`."""
     cfg, step, times = run.cfg, run.step + 1, {}
     start = time.perf_counter()
@@ -246,7 +267,7 @@ def probe_checkpoint(run: Loaded, c: float, prompts: int, samples: int, probe_se
         sampled = sample_fresh(run.model, run.tokenizer, problems, run.reward_fn, cfg, samples, sample_seed, dist)
 
         def measure(model) -> list[float]:
-            return importance_rewards(model, sampled, cfg)
+            return importance_rewards(model, sampled, cfg, baseline)
     else:
         def measure(model) -> list[float]:
             return rewards_per_prompt(model, run.tokenizer, problems, run.reward_fn, cfg, samples, sample_seed, dist)
@@ -259,6 +280,7 @@ def probe_checkpoint(run: Loaded, c: float, prompts: int, samples: int, probe_se
         return None if any(v is None for v in values) else sum(values)
 
     row = {"step": run.step, "c": c, "prompts": prompts, "samples": samples, "seed": probe_seed, "estimator": estimator,
+           "baseline": baseline if estimator == "importance" else None,
            "regime": get_regime(cfg.regime).name, "mtp_coef": cfg.mtp_coef,
            **finite_differences(arms[0]["values"], arms[1]["values"], arms[2]["values"], c),
            "lambda_used": [[a["metrics"][f"mtp/{k}/lambda"] for k in range(K)] for a in arms],
