@@ -112,13 +112,14 @@ def test_leave_one_out_baseline_by_hand(monkeypatch):
     monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: log_w)
     plain = importance_rewards(None, fresh, None, baseline="none")
     assert plain == pytest.approx([(1.2 + 1.0) / 3, (1.1 + 0.8 + 1.3) / 3])
-    loo = importance_rewards(None, fresh, None)  # the default
+    assert importance_rewards(None, fresh, None) == plain  # the default
+    loo = importance_rewards(None, fresh, None, baseline="leave-one-out")
     # problem 0: b = (0+1)/2, (1+1)/2, (1+0)/2 = 0.5, 1, 0.5; (r − b)·w + b = 0.5·1.2+0.5, −1·0.9+1, 0.5·1.0+0.5
     assert loo[0] == pytest.approx((1.1 + 0.1 + 1.0) / 3)
     assert loo[1] == pytest.approx(1.0)  # every response scores 1: exactly 1 whatever the weights
     ones, _ = _fresh_with_weights([1, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1.0] * 6)
     monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: torch.zeros(6, dtype=torch.float64))
-    assert importance_rewards(None, ones, None) == pytest.approx([2 / 3, 1.0])  # w = 1: the plain mean reward
+    assert importance_rewards(None, ones, None, baseline="leave-one-out") == pytest.approx([2 / 3, 1.0])  # w = 1
 
 
 def test_leave_one_out_baseline_keeps_the_estimate_unbiased(monkeypatch):
@@ -147,7 +148,7 @@ def test_leave_one_out_baseline_refuses_a_single_response(monkeypatch):
     fresh, log_w = _fresh_with_weights([1, 0], [0, 1], [1.0, 1.0])
     monkeypatch.setattr(core, "sequence_log_probs", lambda model, batch, cfg: log_w)
     with pytest.raises(ValueError, match="leave-one-out baseline needs >= 2 responses"):
-        importance_rewards(None, fresh, None)
+        importance_rewards(None, fresh, None, baseline="leave-one-out")
 
 
 def test_agreement_statistics_by_hand():
@@ -221,8 +222,8 @@ def test_probe_config_refuses_a_leave_one_out_baseline_with_one_sample(tmp_path)
     from mtprl.probe.command import ProbeConfig
 
     (tmp_path / "config.yaml").write_text("regime: occ\n")
-    ProbeConfig(run_dir=str(tmp_path), samples=1, baseline="none").validate()  # fine without the baseline
+    ProbeConfig(run_dir=str(tmp_path), samples=1).validate()  # fine without the baseline (the default)
     with pytest.raises(ConfigError, match="baseline leave-one-out needs samples >= 2"):
-        ProbeConfig(run_dir=str(tmp_path), samples=1).validate()
+        ProbeConfig(run_dir=str(tmp_path), samples=1, baseline="leave-one-out").validate()
     with pytest.raises(ConfigError, match="baseline must be leave-one-out or none"):
         ProbeConfig(run_dir=str(tmp_path), baseline="mean").validate()
