@@ -3,13 +3,15 @@
 The slow test launches this file under `torchrun --nproc_per_node 2`. Each worker:
 1. for detach, policy and occ, shards a tiny model (2 trunk layers, 1 MTP layer), takes two RL
    steps' updates (old log-probs, 2 mini-batches × 2 epochs, 2 micro-batches each) on fixed batches,
-   with the exact diagnostics on the second, and rank 0 saves the whole parameters (gathered one at a
-   time) and the metrics; the test compares them with one unsharded process within 1e-5;
+   with the exact diagnostics (same-batch and held-out) on the second, and rank 0 saves the whole
+   parameters (gathered one at a time) and the metrics; the test compares them with one unsharded
+   process within 1e-5;
 2. exports the last model in HF layout from its shards (`export_hf`);
 3. runs `train()` for 2 steps with a checkpoint after each (run A: KL loss to a sharded reference
-   model), then resumes A's step-1
-   checkpoint on 2 processes (run B: equal to A afterwards).
-The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher).
+   model, `rollout_rng: prompt`), then resumes A's step-1 checkpoint on 2 processes (run B: equal to A
+   afterwards).
+The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher): its metrics
+afterwards equal A's too (prompt groups draw from their own generators, whatever the process count).
 """
 
 import json
@@ -96,7 +98,7 @@ def _worker(out: Path, tiny: Path) -> None:
     run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
                micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
                eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1, save_every=1,
-               progress=False, device="cpu", lr=1e-3, parallel="fsdp", kl_coef=0.05)
+               progress=False, device="cpu", lr=1e-3, parallel="fsdp", kl_coef=0.05, rollout_rng="prompt")
     train(TrainConfig(**run, output_dir=str(out / "A")))
     if dist.is_main:  # as if A had been killed after its step-1 checkpoint
         shutil.copytree(out / "A", out / "B")
@@ -160,7 +162,11 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert second["grad_norm"] > 0.05  # the shared clipping acted on the sharded gradients too
         exact = [k for k in second if k.startswith("exact/")]
         assert len(exact) == 6 and abs(second["exact/0/dot"]) > 0
-        for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact):
+        heldout = [k for k in second if k.startswith("heldout/")]
+        assert len(heldout) == 18 and heldout == [k for k in two_second if k.startswith("heldout/")]
+        assert abs(second["heldout/0/pdot"]) > 0 and abs(second["heldout/0/proxy_mean_ratio"]) > 0
+        for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact,
+                    *heldout):
             tol = 1e-4 if key.endswith("proxy_c_hat") else 1e-5  # a mean of ratios δμ/(μ²+ε): ill-conditioned
             assert _close(two_second[key], second[key], tol), (regime, key, two_second[key], second[key])
             if key in first:
@@ -209,13 +215,21 @@ def test_fsdp_two_processes_match_one(tmp_path):
                           "--micro-batch-size", "2", "--max-new-tokens", "12", "--overlong-buffer", "11",
                           "--max-draws", "2", "--eval-every", "0", "--no-eval-at-start", "--eval-limit", "2",
                           "--eval-k", "2", "--eval-suites", "add-easy", "--exact-every", "1", "--save-every", "1",
-                          "--no-progress", "--device", "cpu", "--lr", "1e-3", "--kl-coef", "0.05"],
+                          "--no-progress", "--device", "cpu", "--lr", "1e-3", "--kl-coef", "0.05",
+                          "--rollout-rng", "prompt"],
                          env=env, capture_output=True, text=True, timeout=200)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process (world size 1" in one.stderr
     c = _records(tmp_path / "C")
     assert [(r["kind"], r["step"]) for r in c] == [("train", 1), ("train", 2), ("eval", 2)] and c[0] == a[0]
     assert (tmp_path / "C" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    # After the resume: the same responses (rewards, lengths, eval samples) and the same updates as A's. Only the
+    # engine's count of decode forwards differs: each worker's count, averaged over workers.
+    for ra, rc in zip(a[1:], c[1:], strict=True):
+        assert ra.keys() == rc.keys() and any(k.startswith("heldout/") for k in a[1])
+        for key in ra:
+            if key != "rollout/verify_steps":
+                assert ra[key] == rc[key] or _close(ra[key], rc[key], 1e-5), (ra["step"], key, ra[key], rc[key])
 
 
 if __name__ == "__main__":

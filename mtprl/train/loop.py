@@ -5,14 +5,17 @@ dynamic sampling and overlong shaping), recompute old (and reference) log-probs 
 training precision, then `epochs` × `mini_batches` AdamW steps (`update.train_on_batch`) with the
 regime's MTP term. Every step logs one `train` record; every `eval_every` steps and at the end an
 `eval` record; every `save_every` steps and at the end an atomic checkpoint. Same config and seed,
-same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not.
+same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not; resumed on another
+number of processes too when the run samples with `rollout_rng: prompt` (then `rollout/verify_steps`, a count
+of each worker's decode forwards averaged over workers, differs; a `batch` run refuses that resume).
 
 Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/step-XXXXXXXX/, and `.lock`
 while a process writes it.
 
 Start-up goes from cheap to expensive, and writes nothing before the model is built: config →
 model directory and data (every row) → launch (printed: processes, backend, device, threads) →
-run-directory lock and state, checkpoint verification and settings (`rundir.plan_start`) →
+run-directory lock and state, checkpoint verification and settings (`rundir.plan_start`) and process count
+(`checkpoint.resume_world_problem`) →
 pre-training of the embedded base if it is not cached → model, optimizer and trainer state →
 only then the first write (`rundir.commit_start`: an `--overwrite` replaces the old run here).
 """
@@ -31,7 +34,9 @@ from mtprl.config import ConfigError, config_to_dict
 from mtprl.losses.offpolicy import rollout_mismatch
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
-from mtprl.train.checkpoint import CheckpointError, is_sharded_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import (
+    CheckpointError, is_sharded_checkpoint, load_trainer_state, resume_world_problem, save_checkpoint,
+)
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
@@ -101,7 +106,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[ProblemStream, RewardFn, dict]:
     return build_problems(cfg)
 
 
-def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
+def _announce(dist: Dist, run_dir: Path) -> None:
     """Say how the run was really launched (and loudly when the environment asked for something else)."""
     if not dist.is_main:
         return
@@ -109,9 +114,6 @@ def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
     mismatch = launch_mismatch(dist.world)
     if mismatch:
         print(f"mtprl train: WARNING: {mismatch}", file=sys.stderr, flush=True)
-    if dist.parallel == "fsdp" and exact_every > 0:
-        print("mtprl train: note: sharded (parallel: fsdp), every exact_every steps logs the same-batch exact/ "
-              "terms but not the held-out heldout/ ones (those need parallel: ddp)", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -193,9 +195,12 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     stream, reward_fn, suites = check_inputs(cfg)
     accelerator = _accelerator(cfg, run_dir)
     dist = Dist(accelerator, cfg.parallel)
-    _announce(dist, run_dir, cfg.exact_every)
+    _announce(dist, run_dir)
     _check_world(cfg, dist)
     plan = _plan(cfg, run_dir, dist, lock)
+    world_problem = plan.resume_from and resume_world_problem(plan.resume_from, dist.world, cfg.rollout_rng)
+    if world_problem:  # cfg.rollout_rng is the checkpoint's (plan_start refuses other result-affecting settings)
+        raise CheckpointError(world_problem)
     cfg = dataclasses.replace(cfg, parallel=dist.parallel)  # an accelerate FSDP config selects it too
     whole = plan.resume_from is not None and not is_sharded_checkpoint(plan.resume_from)  # else DCP state below
     if whole and cfg.parallel == "fsdp":  # refused before anything expensive
