@@ -6,7 +6,9 @@ The slow test launches this file under `torchrun --nproc_per_node 2`. Each worke
    with the exact diagnostics (same-batch and held-out) on the second, and rank 0 saves the whole
    parameters (gathered one at a time) and the metrics; the test compares them with one unsharded
    process within 1e-5;
-2. exports the last model in HF layout from its shards (`export_hf`);
+2. exports the last model in HF layout from its shards (`export_hf`), and loads the tiny checkpoint as
+   the trainer does for sharding (rank 0 reads it, rank 1 builds on meta; `load_for_sharding`), each rank
+   saving the whole tensors and buffers it then holds;
 3. runs `train()` for 2 steps with a checkpoint after each (run A: KL loss to a sharded reference
    model, `rollout_rng: prompt`), then resumes A's step-1 checkpoint on 2 processes (run B: equal to A
    afterwards).
@@ -95,6 +97,16 @@ def _worker(out: Path, tiny: Path) -> None:
             save_file(params, out / f"params-{regime}.safetensors")
             (out / f"metrics-{regime}.json").write_text(json.dumps([first, second]))
     export_hf(model, out / "export", tokenizer=build_tokenizer(), is_main=dist.is_main)
+    # Loading for sharding: rank 0 reads the checkpoint, rank 1 builds the model on meta and gets its shards.
+    from mtprl.train.fsdp import shard_model
+    from mtprl.train.loop import load_for_sharding
+
+    loaded, _, full_state = load_for_sharding(tiny, TrainConfig(model=str(tiny), parallel="fsdp"), dist)
+    assert (next(loaded.parameters()).device.type == "meta") == (dist.rank == 1) and bool(full_state) == dist.is_main
+    shard_model(loaded, torch.device("cpu"), bf16_compute=False, full_state=full_state)
+    whole = {name: t.clone() for name, t in iter_full_state(loaded)}
+    whole.update({f"buffer:{name}": b.clone() for name, b in loaded.named_buffers()})  # rotary inv_freq too
+    save_file(whole, out / f"loaded-rank{dist.rank}.safetensors")
     run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
                micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
                eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1, save_every=1,
@@ -181,6 +193,17 @@ def test_fsdp_two_processes_match_one(tmp_path):
     # one file each: embedding, trunk layer 0, trunk layer 1, final norm, the MTP layer
     assert len(list((tmp_path / "export").glob("model-*.safetensors"))) == 5
 
+    # (5) loaded on rank 0 only and sharded from its tensors: both ranks hold the checkpoint's weights and buffers.
+    from mtprl.model import MTPCausalLM
+
+    reference = MTPCausalLM.from_pretrained(tiny)
+    expected = {**{n: p.detach() for n, p in reference.named_parameters()},
+                **{f"buffer:{n}": b for n, b in reference.named_buffers()}}
+    assert any(k.endswith("inv_freq") for k in expected)
+    for rank in (0, 1):
+        got = load_file(tmp_path / f"loaded-rank{rank}.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), rank
+
     # (2) resumed on 2 processes from the step-1 checkpoint: equal to the uninterrupted run.
     a, b = _records(tmp_path / "A"), _records(tmp_path / "B")
     assert [(r["kind"], r["step"]) for r in a] == [("train", 1), ("train", 2), ("eval", 2)]
@@ -193,7 +216,6 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
 
     # ... and on 1 process: the resharded state is the checkpoint's, and the run goes on from it.
-    from mtprl.model import MTPCausalLM
     from mtprl.train.checkpoint import load_sharded_state
     from mtprl.train.update import build_optimizer
 

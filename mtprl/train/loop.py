@@ -72,6 +72,25 @@ def load_model(path: Path, cfg: TrainConfig, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def load_for_sharding(path: Path, cfg: TrainConfig, dist: Dist):
+    """(model, tokenizer, full state) for `shard_model`: rank 0 loads the checkpoint (`load_model`), the other
+    ranks build the same model on the meta device from rank 0's config (no weights read); the full state is
+    rank 0's whole tensors ({} elsewhere), None with one process (the model is whole there anyway)."""
+    from mtprl.train.fsdp import model_state_from_rank0
+
+    if dist.world == 1:
+        return (*load_model(path, cfg, dist.device), None)
+    model, tokenizer = load_model(path, cfg, dist.device) if dist.is_main else (None, load_tokenizer(path))
+    spec = dist.broadcast_object((model.config, model.num_mtp, model.layout) if dist.is_main else None)
+    if not dist.is_main:
+        from transformers import AutoModelForCausalLM
+
+        config, num_mtp, layout = spec
+        with torch.device("meta"):
+            model = MTPCausalLM(AutoModelForCausalLM.from_config(config), num_mtp, layout=layout).to(torch.float32)
+    return model.eval(), tokenizer, model_state_from_rank0(model)
+
+
 def _accelerator(cfg: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
 
@@ -208,16 +227,24 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
                               "optimizer.pt), which a sharded run cannot load; resume it with parallel: ddp")
     base = base_model_path(cfg)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
-    model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
-    apply_regime(model, cfg.regime)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
-    if cfg.parallel == "fsdp":
+    if cfg.parallel == "fsdp":  # rank 0 reads the weights, every rank gets its shards from it
         ensure_process_group(dist.device)
-        for module in (model, ref_model):
-            if module is not None:
-                shard_model(module, dist.device, bf16_compute=cfg.dtype == "bfloat16")
+        model, tokenizer, full_state = load_for_sharding(base, cfg, dist)
+        apply_regime(model, cfg.regime)
+        shard_model(model, dist.device, bf16_compute=cfg.dtype == "bfloat16", full_state=full_state)
+        del full_state
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_model, _, full_state = load_for_sharding(base, cfg, dist)
+            shard_model(ref_model.requires_grad_(False), dist.device, bf16_compute=cfg.dtype == "bfloat16",
+                        full_state=full_state)
+            del full_state
+    else:
+        model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
+        apply_regime(model, cfg.regime)
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, cfg)
     done, elapsed = 0, 0.0
     if plan.resume_from is not None:
