@@ -78,7 +78,8 @@ def test_prompt_rng_gives_a_prompt_the_same_responses_alone_batched_and_split(se
     _same(_shared(model, tok, prompts, params, 2, "prompt"), whole)  # shares 3 + 2 prompts
     _same(_shared(model, tok, prompts, params, 3, "prompt"), whole)  # 2 + 2 + 1
     for i, prompt in enumerate(prompts):  # alone, seeded as the i-th prompt of the call
-        alone = generate(model, [prompt], params, generator=PromptGenerators([derive_seed(SEED, "prompt", i)], 3))
+        alone = generate(model, [prompt], params, eos_token_id=tok.eos_token_id,
+                         generator=PromptGenerators([derive_seed(SEED, "prompt", i)], 3))
         _same(_per_prompt(alone, i), {i: whole[i]})
     lengths = [len(t) for i in whole for t, _ in whole[i]]
     assert len(set(lengths)) > 2  # rows finished at different steps (the engine compacted its batch meanwhile)
@@ -96,7 +97,7 @@ def test_batch_rng_draws_from_one_generator_per_worker_as_before(setup, draft_to
     for world, rank in ((1, 0), (2, 0), (2, 1)):
         dist = _worker(world, rank)
         rollout, _, share = generate_shared(model, tok, prompts, params, SEED, dist)
-        old = generate(model, prompts[share], params,
+        old = generate(model, prompts[share], params, eos_token_id=tok.eos_token_id,
                        generator=torch.Generator().manual_seed(derive_seed(SEED, rank)))
         assert torch.equal(rollout.response_ids, old.response_ids) and torch.equal(rollout.log_probs, old.log_probs)
 
@@ -133,14 +134,15 @@ def test_batch_run_refuses_to_resume_on_another_process_count(tmp_path, tiny_che
 
     for rng in ("batch", "prompt"):
         out = tmp_path / rng
-        train(small_train_config(tiny_checkpoint, out, steps=1, exact_every=0, rollout_rng=rng))
+        train(small_train_config(tiny_checkpoint, out, exact_every=0, save_every=1, rollout_rng=rng))
         ckpt = out / "checkpoints" / "step-00000001"
         state = json.loads((ckpt / "trainer_state.json").read_text())
         assert state["config"]["rollout_rng"] == rng and state["world_size"] == 1
         (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))  # as if 2 wrote it
         (ckpt / "rng-rank1.json").write_text((ckpt / "rng-rank0.json").read_text())
         write_manifest(ckpt)
-        resume = small_train_config(tiny_checkpoint, out, steps=2, exact_every=0, rollout_rng=rng, resume="auto")
+        resume = small_train_config(tiny_checkpoint, out, exact_every=0, save_every=1, rollout_rng=rng,
+                                    resume=str(ckpt))
         if rng == "batch":
             with pytest.raises(ConfigError, match="start the run with rollout_rng: prompt"):
                 train(resume)

@@ -185,13 +185,13 @@ def speculative_accept(
     `rows` [B] as in `draw`. Returns (n_accepted [B] in 0..D, next_token [B]).
     """
     B, D = drafts.shape
-    rows = torch.arange(B, device=drafts.device)
+    batch_rows = torch.arange(B, device=drafts.device)
     p = target_log_probs[:, :D].gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, D] p_j(x_j)
     q = draft_log_probs.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, D] q_j(x_j) > 0
     u = uniform((B, D), None, generator, drafts.device, rows)  # None: the default dtype, float32
     n_acc = leading_true(u * q < p)  # u < p/q without dividing
-    p_next = target_log_probs[rows, n_acc].exp()  # [B, V]
-    q_next = draft_log_probs[rows, n_acc.clamp(max=D - 1)].exp() * (n_acc < D)[:, None]  # [B, V]; 0 after D
+    p_next = target_log_probs[batch_rows, n_acc].exp()  # [B, V]
+    q_next = draft_log_probs[batch_rows, n_acc.clamp(max=D - 1)].exp() * (n_acc < D)[:, None]  # [B, V]; 0 after D
     residual = (p_next - q_next).clamp(min=0)  # after D acceptances: p_D itself (the bonus token)
     # p == q up to rounding leaves no residual mass (and rejection then had ~zero probability): use p.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
