@@ -245,13 +245,13 @@ def test_fsdp_two_processes_match_one(tmp_path):
     c = _records(tmp_path / "C")
     assert [(r["kind"], r["step"]) for r in c] == [("train", 1), ("train", 2), ("eval", 2)] and c[0] == a[0]
     assert (tmp_path / "C" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
-    # After the resume: the same responses (rewards, lengths, eval samples) and the same updates as A's. Only the
-    # engine's count of decode forwards differs: each worker's count, averaged over workers.
+    # After the resume: the same responses (rewards, lengths, eval samples) and the same updates as A's (seen here:
+    # within 3e-8). Only the engine's count of decode forwards may differ: each worker's, averaged over workers.
     for ra, rc in zip(a[1:], c[1:], strict=True):
         assert ra.keys() == rc.keys() and any(k.startswith("heldout/") for k in a[1])
         for key in ra:
             if key != "rollout/verify_steps":
-                assert ra[key] == rc[key] or _close(ra[key], rc[key], 1e-5), (ra["step"], key, ra[key], rc[key])
+                assert ra[key] == rc[key] or _close(ra[key], rc[key], 1e-6), (ra["step"], key, ra[key], rc[key])
 
 
 if __name__ == "__main__":

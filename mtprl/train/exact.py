@@ -256,7 +256,7 @@ def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dis
     return out
 
 
-# ----- same-batch terms of a sharded model ---------------------------------------------------------
+# ----- a sharded model: same-batch terms and held-out half gradients --------------------------------
 
 
 def _shard_grads(backward, every: list[Tensor], params: list[Tensor]) -> list[Tensor]:
