@@ -7,6 +7,7 @@ from mtprl.compare import CompareConfig, parse_arms, plan_runs
 from mtprl.config import ConfigError, build_config
 from mtprl.report import Run, summarize
 from mtprl.report.load import label_arms, reference_coef
+from mtprl.report.markdown import render_report
 
 
 def test_parse_arms_reads_the_command_line_and_a_split_yaml_string():
@@ -54,6 +55,15 @@ def test_report_labels_arms_and_compares_each_with_detach():
     assert "occ@0.1 − detach" in claims[1]["explanation"] and claims[1]["verdict"] == "reproduced"
     # policy ran only at λ₀ = 1, not at the base λ₀: the claims about policy are judged at the base λ₀ only
     assert claims[3]["verdict"] == "not measurable (missing data)" and claims[3]["explanation"] == "no policy run"
+    # ... and again on every other arm, naming its λ₀: occ@1 is 0.2 below detach on every seed, so (1) fails there
+    others = [(c["id"], c["lambda0"]) for c in summary["arm_claims"]]
+    assert others == [(1, 1.0), (3, 1.0), (4, 1.0)]
+    occ1 = summary["arm_claims"][0]
+    assert occ1["claim"].endswith("at λ₀ = 1 (occ@1)") and "occ@1 − detach" in occ1["explanation"]
+    assert occ1["verdict"] == "not reproduced" and occ1["evidence"]["mean"] == pytest.approx(-0.2)
+    policy1 = summary["arm_claims"][1]
+    assert "policy@1" in policy1["criterion"] and policy1["verdict"] == "not reproduced"  # 0.6 ends above detach
+    assert "on the other λ₀ arms" in render_report(summary) and "(occ@1): **not reproduced**" in render_report(summary)
 
 
 def terms_rows(held, same):

@@ -126,9 +126,11 @@ def test_report_md_tables_show_the_numbers(report):
     _, out = report
     text = (out / "report.md").read_text()
     # regime | n | add-easy | modexpr-hard | avg | MTP accept | wall time (s); accuracies ± SE over the two
-    # seeds (sd/√2: 0.1/√2/√2 = 0.05 for detach, 0.2/2 = 0.1 for occ), the rest ± sd
-    assert "| detach | 2 | 0.550 ± 0.050 | 0.350 ± 0.050 | 0.450 ± 0.050 | 0.750 ± 0.071 | 105.0 ± 7.1 |" in text
-    assert "| occ | 2 | 0.800 ± 0.100 | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.650 ± 0.071 | 125.0 ± 7.1 |" in text
+    # seeds (sd/√2: 0.1/√2/√2 = 0.05 for detach, 0.2/2 = 0.1 for occ), and so are the MTP and wall-time
+    # columns, as the caption says (sd 0.071 and 7.1 -> SE 0.050 and 5.0)
+    assert "| detach | 2 | 0.550 ± 0.050 | 0.350 ± 0.050 | 0.450 ± 0.050 | 0.750 ± 0.050 | 105.0 ± 5.0 |" in text
+    assert "| occ | 2 | 0.800 ± 0.100 | 0.400 ± 0.100 | 0.600 ± 0.100 | 0.650 ± 0.050 | 125.0 ± 5.0 |" in text
+    assert "highest mean average occ (0.600 ± 0.100), lowest detach (0.450 ± 0.050)" in text  # SE, as in the table
     assert "| occ | avg | s0: +0.100, s1: +0.200 | +0.150 | [-0.485, +0.785] | 0.500 | within noise |" in text
     assert "## Final accuracy — greedy" in text
     assert "Per suite: 0 of 2 tested comparisons fall outside the noise; about 0.1 would by chance" in text

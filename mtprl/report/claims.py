@@ -29,7 +29,9 @@ with the numbers it rests on. The criteria (thresholds are the constants below):
     `exact/{k}/proxy_c_hat` and `exact/{k}/slope` over all exact rows, all heads, of occ and occ-exact
     runs: reproduced when r ≥ MIN_R and its two-sided p < ALPHA (at least 3 rows).
 λ₀ arms: a claim about a regime that was swept (`REGIME@λ₀` groups, no plain `REGIME` group) is judged
-on its arm at the base λ₀ (`summary["base_coef"]`), and says so.
+on its arm at the base λ₀ (`summary["base_coef"]`), and says so. Claims (1)–(4) are also judged, by the
+same criteria, on every other λ₀ arm of their regime (`evaluate_arm_claims`, the report's "other λ₀"
+list), so a sweep that left out the base λ₀ still gets verdicts, each naming its λ₀.
 """
 
 from __future__ import annotations
@@ -320,3 +322,32 @@ def evaluate_claims(groups: dict[str, list[Run]], summary: dict[str, Any]) -> li
         claim_policy_terms(groups, policy),
         claim_proxy_tracks(groups),
     ]
+
+
+def _arms_of(groups: dict[str, list[Run]], regime: str) -> list[str]:
+    """The `REGIME@λ₀` groups of `regime`, by λ₀."""
+    arms = [name for name in groups if base_regime(name) == regime and name != regime]
+    return sorted(arms, key=lambda name: float(name.partition("@")[2]))
+
+
+def evaluate_arm_claims(groups: dict[str, list[Run]], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Claims (1)–(4) on every λ₀ arm of occ / ce / policy other than the one `evaluate_claims` judged,
+    each with `lambda0` and its λ₀ in the claim's text; by claim, then λ₀."""
+    base = summary.get("base_coef")
+    out = []
+    for regime in CLAIM_REGIMES:
+        judged = group_name(groups, regime, base)
+        for arm in _arms_of(groups, regime):
+            if arm == judged:
+                continue
+            if regime == "occ":
+                found = [_versus_reference(summary, 1, arm, "occ matches or beats detach", want_worse=False)]
+            elif regime == "ce":
+                found = [_versus_reference(summary, 2, arm, "ce falls below detach", want_worse=True)]
+            else:
+                found = [claim_policy_rise_fall(groups, summary, arm), claim_policy_terms(groups, arm)]
+            for claim in found:
+                claim["lambda0"] = float(arm.partition("@")[2])
+                claim["claim"] += f", at λ₀ = {arm.partition('@')[2]} ({arm})"
+                out.append(claim)
+    return sorted(out, key=lambda c: (c["id"], c["lambda0"]))

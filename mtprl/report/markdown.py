@@ -65,7 +65,7 @@ def _accuracy_section(summary: dict[str, Any], metric: str) -> list[str]:
     lines = [f"## Final accuracy — {metric}{label}", "", f"Cells: {SE_NOTE}.", "", markdown_table(headers, rows), ""]
     if len(ranked) > 1:
         (low, bottom), (high, top) = ranked[0], ranked[-1]
-        shown = (f"highest mean average {top} ({fmt_stat(means[top])}), lowest {bottom} ({fmt_stat(means[bottom])})"
+        shown = (f"highest mean average {top} ({fmt_stat(means[top], spread='se')}), lowest {bottom} ({fmt_stat(means[bottom], spread='se')})"
                  if high > low else f"every regime has the same mean average ({fmt_num(high)})")
         lines += [f"What it shows: {shown}. Whether a gap exceeds the seed-to-seed noise is judged by the "
                   "paired comparison below, not by this table.", ""]
@@ -154,6 +154,13 @@ def _claims_section(summary: dict[str, Any]) -> list[str]:
     for claim in summary["claims"]:
         lines += [f"### ({claim['id']}) {claim['claim']}: **{claim['verdict']}**", "",
                   f"- Criterion: {claim['criterion']}.", f"- Numbers: {claim['explanation']}.", ""]
+    others = summary.get("arm_claims") or []
+    if others:
+        lines += ["### The same claims on the other λ₀ arms", "",
+                  "Claims (1)–(4) judged by the same criteria on each λ₀ arm the ones above did not use.", ""]
+        for claim in others:
+            lines += [f"#### ({claim['id']}) {claim['claim']}: **{claim['verdict']}**", "",
+                      f"- Criterion: {claim['criterion']}.", f"- Numbers: {claim['explanation']}.", ""]
     return lines
 
 

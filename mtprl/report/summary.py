@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mtprl.report.base import Base, problem_difference, run_gain, run_problem_results
-from mtprl.report.claims import evaluate_claims
+from mtprl.report.claims import evaluate_arm_claims, evaluate_claims
 from mtprl.report.keys import AVG, MTP_EVAL_KEYS, eval_value, suites_and_metrics
 from mtprl.report.load import Run, number, reference_coef
 from mtprl.report.stats import describe, paired_comparison
@@ -207,4 +207,5 @@ def summarize(runs: Sequence[Run], base: Base | None = None) -> dict[str, Any]:
         "mtp_over_training": _mtp_over_training(groups),
     }
     summary["claims"] = evaluate_claims(groups, summary)
+    summary["arm_claims"] = evaluate_arm_claims(groups, summary)
     return summary

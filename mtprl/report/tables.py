@@ -67,8 +67,8 @@ def summary_rows(summary: dict[str, Any], metric: str) -> tuple[list[str], list[
         n = sum(1 for run in summary["runs"] if run["regime"] == regime)
         accuracy, extras = summary["accuracy"][metric][regime], summary["extras"][regime]
         cells = [fmt_stat(accuracy[c], n_row=n, spread="se") for c in summary["suites"] + [AVG]]
-        cells += [fmt_stat(extras.get(k), n_row=n) for k in mtp_keys]
-        cells.append(fmt_stat(extras[WALL_TIME], digits=1, n_row=n))
+        cells += [fmt_stat(extras.get(k), n_row=n, spread="se") for k in mtp_keys]
+        cells.append(fmt_stat(extras[WALL_TIME], digits=1, n_row=n, spread="se"))
         rows.append([_row_label(summary, regime), str(n), *cells])
     return headers, rows
 
