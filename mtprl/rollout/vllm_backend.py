@@ -7,7 +7,10 @@ process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor `uni`), so `push_weights` 
 the worker without copying them through a pipe: the trunk goes to the target model's
 `load_weights`, the MTP layers (`model.mtp_layers.N.*`) to the drafter's; vLLM's MTP drafter
 shares the target's embedding and output head (the same tensors), so those arrive through the
-trunk. The prefix cache is reset after every push (cached KV of old weights must not be reused).
+trunk. The weights are handed over one decoder layer at a time (`chunks`: each trunk layer, each MTP
+layer, the embedding, the final norm), pulled lazily from the caller's iterable, so a sharded trainer's
+all-gathered tensors are never all alive at once; a tied output head is re-packed once the push is
+finished, and the prefix cache is reset (cached KV of old weights must not be reused).
 
 Log-probs are those of the distribution sampled from (`logprobs_mode="processed_logprobs"`:
 after temperature, top-k, top-p), as our engine reports them. The trainer still recomputes old

@@ -220,12 +220,9 @@ class TrainConfig:
                 "rollout_backend vllm recomputes the old log-probs in the trainer (the vLLM engine's differ from "
                 "them, and that off-policy error is what rollout/mismatch_* and tis_cap measure and correct); "
                 "set reuse_rollout_log_probs: false")
-        require(not (self.rollout_backend == "vllm" and self.parallel == "fsdp"),
-                "rollout_backend vllm runs one unsharded process (the engine is built from the model as "
-                "save_pretrained writes it); use parallel: ddp with one process, or rollout_backend ours")
         require(not (self.rollout_backend == "vllm" and self.rollout_rng == "prompt"),
                 "rollout_rng prompt makes a prompt's samples independent of how prompts are split over processes, "
-                "for our engine; the vLLM engine runs in one process and seeds every request itself, so use "
+                "for our engine; each process's vLLM engine seeds every request itself, so use "
                 "rollout_rng: batch with rollout_backend vllm")
         require(self.vllm_kv_cache_mb >= 1, f"vllm_kv_cache_mb must be >= 1, got {self.vllm_kv_cache_mb}")
         require(self.rollout_backend != "vllm" or importlib.util.find_spec("vllm") is not None,
