@@ -226,6 +226,12 @@ class VLLMEngine:
         self.push_weights(hf_weights(model, state))
         self.finish_push()
 
+    def close(self) -> None:
+        """Shut the engine down. vLLM's teardown destroys its process groups *and the default one* (which, in
+        a launched run, vLLM shares with the trainer: its tensor-parallel groups of one are carved out of it),
+        so call this last, once every rank is past its last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # ----- generation -----------------------------------------------------------------------
     def _counters(self) -> dict[str, object]:
         out = {}

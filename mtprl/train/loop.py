@@ -275,6 +275,9 @@ def train(cfg: TrainConfig) -> Path:
     try:
         run, done = _start(cfg, lock)
         _loop(run, done)
+        if run.engine is not None:  # last: vLLM's teardown ends the process group too (VLLMEngine.close)
+            run.dist.barrier()
+            run.engine.close()
     finally:
         lock.release()
         release_process_group()

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 COMPARED = ("pg/loss", "mtp/0/loss", "grad_norm", "mtp/grad_norm", "entropy", "reward/mean",
-            "rollout/mismatch_abs", "rollout/accept_rate/0", "response/length_mean")
+            "rollout/mismatch_abs", "rollout/accept_rate/0", "response_len/mean")
 
 
 def _rows(r):
@@ -70,6 +70,8 @@ def _worker(out: Path, base: str, parallel: str) -> None:
         records.append(run.step(step))
         checks.append(_check(run, prompts))
     (out / f"{parallel}-rank{run.dist.rank}.json").write_text(json.dumps({"checks": checks, "records": records}))
+    run.dist.barrier()
+    run.engine.close()  # last: it ends the process group too
     lock.release()
     shutdown()
 
