@@ -2,11 +2,11 @@
 
 Every process runs its own engine (tensor parallel 1) and samples its share of each step's prompts
 (`mtprl.train.rollouts.generate_shared`). The model is exported in HF layout (what vLLM serves) to a
-directory that the engines load once: one process, or data-parallel processes (each holding the whole
-model), write their own with `save_pretrained`; a sharded (FSDP) run streams one export from the shards
-(`mtprl.train.export.export_hf`: rank 0 writes, no process gathers the whole model) into a temporary
-directory in the run directory, which every process reads and rank 0 removes once all engines have
-started. After every rollout batch's updates the trainer pushes all weights, MTP layers included, into
+directory that the engines load once: one unsharded process writes its own with `save_pretrained`; with
+several processes, or sharded, rank 0 writes one export (`mtprl.train.export.export_hf`, streamed from the
+shards one parameter at a time, so no process gathers the whole model) into a temporary directory in the
+run directory (which every process must see, as its checkpoints), every process's engine reads it, and
+rank 0 removes it once all engines have started. After every rollout batch's updates the trainer pushes all weights, MTP layers included, into
 each running engine (`VLLMEngine.sync` of `mtprl.train.fsdp.iter_full_state`: all-gathered one
 parameter at a time when sharded, handed to vLLM one decoder layer at a time), so each rollout samples
 from the current policy.
@@ -40,7 +40,7 @@ def start_engine(model, tokenizer, cfg, dist, run_dir: Path):
     settings = VLLMSettings(draft_tokens=cfg.draft_tokens, max_model_len=min(
         model.config.max_position_embeddings, cfg.max_prompt_tokens + cfg.max_new_tokens),
         kv_cache_bytes=cfg.vllm_kv_cache_mb << 20, dtype=cfg.dtype, seed=cfg.seed)
-    if not is_sharded(model):
+    if dist.world == 1 and not is_sharded(model):
         with tempfile.TemporaryDirectory(prefix="mtprl-vllm-") as directory:
             model.save_pretrained(directory, tokenizer=tokenizer)
             return VLLMEngine(directory, settings)

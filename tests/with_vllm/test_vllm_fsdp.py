@@ -110,7 +110,7 @@ def test_two_process_engines_serve_the_trained_weights(tmp_path, base_dir):
         assert [c["served"] for c in a["checks"]] == [c["served"] for c in b["checks"]]
         for ra, rb in zip(a["records"], b["records"]):
             for key in COMPARED:
-                assert ra[key] == pytest.approx(rb[key], abs=1e-4, rel=1e-4), key
+                assert ra[key] == pytest.approx(rb[key], abs=1e-5, rel=1e-5), key
 
 
 if __name__ == "__main__":
