@@ -99,7 +99,7 @@ def _grads(model):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("regime", ["policy", "ce", "detach"])
+@pytest.mark.parametrize("regime", ["policy", "ce", "detach", "occ", "occ-exact"])
 def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
     import copy
 
@@ -112,6 +112,9 @@ def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
     g = torch.Generator().manual_seed(0)  # the random model earns no reward: advantages of our own
     batch = dataclasses.replace(batch, advantages=torch.randn(batch.size, generator=g))
     prepare_log_probs(model, None, batch, cfg, 1, Dist())
+    # As after some optimiser steps: the policy has moved from θ_old, so δ ≠ 0 and OCC's λ ≠ 0.
+    batch.old_log_probs = torch.where(batch.loss_mask, batch.old_log_probs + 0.1 * torch.randn(
+        batch.old_log_probs.shape, generator=g), 0.0)
     sorted_cfg = dataclasses.replace(cfg, sort_micro_batches=True)
     lengths = sort_lengths(batch, sorted_cfg)
     assert sort_lengths(batch, cfg) is None and torch.equal(lengths, batch.response_mask.sum(1))
@@ -128,8 +131,11 @@ def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
         metrics = accumulate_gradients(m, batch, rows, c, Dist())
         out[name] = (metrics, _grads(m))
     (m0, g0), (m1, g1) = out["plain"], out["sorted"]
-    assert m1["pg/loss"] == pytest.approx(m0["pg/loss"], rel=1e-5, abs=1e-8)
-    assert m1["mtp/loss"] == pytest.approx(m0["mtp/loss"], rel=1e-5, abs=1e-8)
+    assert set(m1) == set(m0)
+    for key in m0:  # losses, λ, ĉ, clip fractions, entropy: every metric of the unsorted micro-batches
+        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key
+    if regime in ("occ", "occ-exact"):
+        assert abs(m0["mtp/0/lambda"]) > 1e-4  # a real λ, not the first mini-batch's 0
     assert any(g.abs().sum() > 0 for g in g0)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
@@ -147,3 +153,25 @@ def test_sorted_micro_batches_keep_the_first_ratio_exactly_one(setup):
     prepare_log_probs(m, None, batch, cfg, 1, Dist())
     metrics = train_on_batch(m, optimizer, scheduler, batch, cfg, 1, Dist())
     assert metrics["mtp/0/lambda_first"] == 0.0  # old log-probs were computed in the same (sorted) layout
+
+
+def test_gathered_log_probs_equal_the_micro_batch_forward(setup):
+    """The sorted path's gather: rows of other micro-batches' forwards = the forward of the rows' own micro-batch."""
+    from mtprl.train.batch import gather_log_probs, micro_batches, minibatch_rows, sort_lengths
+    from mtprl.train.update import microbatch_forward
+
+    model, cfg, batch = setup
+    rows = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)[0]
+    ordered = micro_batches(rows, Dist(), 3, sort_lengths(batch, dataclasses.replace(cfg, sort_micro_batches=True)))
+    parts = [(r, microbatch_forward(model, batch.select(r), cfg)) for r in ordered]
+    for mb_rows in micro_batches(rows, Dist(), 4):
+        mb = batch.select(mb_rows)
+        direct = microbatch_forward(model, mb, cfg)
+        gathered = gather_log_probs(parts, mb_rows, mb.response_mask.shape[1])
+        for name in ("mask", "mtp_mask", "mtp_top1"):
+            assert torch.equal(getattr(gathered, name), getattr(direct, name)), name
+        for name in ("log_probs", "mtp_log_probs", "entropy"):
+            torch.testing.assert_close(getattr(gathered, name), getattr(direct, name), rtol=1e-5, atol=1e-6)
+        assert gathered.log_probs.requires_grad  # with graph, into the sorted forwards
+    with pytest.raises(ValueError, match="in none of the parts"):
+        gather_log_probs(parts[:1], rows, 4)

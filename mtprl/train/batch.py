@@ -11,10 +11,11 @@ Layout. Epoch e of step s shuffles the N rows with a seed of (seed, s, e) and cu
 `mini_batches` equal mini-batches; worker r takes its contiguous share of each mini-batch and cuts
 it into micro-batches of `micro_batch_size` rows. Old log-probs are computed in exactly the
 micro-batches of epoch 0, so on the first mini-batch (θ = θ_old) the training forward reproduces
-them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly. The option `sort_micro_batches` lists
-each mini-batch's rows by response length before the cut (same mini-batches, less padding): the
-loss and gradients are the same up to float rounding, except where a quantity is computed per
-micro-batch (OCC's ĉ, occ-exact's slope), which then sees other tokens.
+them bit for bit: ratio 1, δ = 0, and OCC's λ = 0 exactly. The option `sort_micro_batches` runs
+the forward passes (old log-probs and training) on each worker's rows of a mini-batch listed by
+response length (same rows, less padding); the training losses are still formed in the unsorted
+micro-batches from the gathered rows (`gather_log_probs`), so losses, λ and gradients equal those
+without the option up to float rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import valid_counts
+from mtprl.model import LogProbs
 from mtprl.train.distributed import Dist
 
 
@@ -130,12 +132,39 @@ def sort_lengths(batch: "TrainBatch", cfg) -> Tensor | None:
 def micro_batches(rows: Tensor, dist: Dist, micro_batch_size: int, lengths: Tensor | None = None) -> list[Tensor]:
     """This worker's share of a mini-batch's rows, cut into micro-batches.
 
-    With `lengths` [N] (see `sort_lengths`), the mini-batch's rows are first listed by length
-    (stable), so that each micro-batch holds rows of similar length and carries less padding.
+    With `lengths` [N] (see `sort_lengths`), this worker's rows are first listed by length
+    (stable), so that each micro-batch holds rows of similar length and carries less padding; the
+    worker's rows are the same either way.
     """
+    mine = rows[dist.share(len(rows))]
     if lengths is not None:
-        rows = rows[torch.sort(lengths[rows], stable=True).indices]
-    return list(rows[dist.share(len(rows))].split(micro_batch_size))
+        mine = mine[torch.sort(lengths[mine], stable=True).indices]
+    return list(mine.split(micro_batch_size))
+
+
+def gather_log_probs(parts: list[tuple[Tensor, LogProbs]], rows: Tensor, width: int) -> LogProbs:
+    """The `response_log_probs` of `rows` ([B] global indices), `width` response columns, taken from
+    those of other micro-batches: `parts` = [(their rows, their response_log_probs)], which must hold
+    every row of `rows`. Rows are copied with their graph; columns past a part's own width are zeros
+    (False), as `response_log_probs` gives past a row's end, so the result equals the forward of
+    `batch.select(rows)` up to float rounding."""
+    fields = ("log_probs", "mask", "mtp_log_probs", "mtp_mask", "mtp_top1", "entropy")
+    widest = max([width] + [lp.log_probs.shape[-1] for _, lp in parts])
+    where = {int(r): i for i, r in enumerate(torch.cat([r for r, _ in parts]).tolist())}
+    missing = [int(r) for r in rows.tolist() if int(r) not in where]
+    if missing:
+        raise ValueError(f"gather_log_probs: rows {missing[:5]} are in none of the parts' micro-batches")
+    index = torch.tensor([where[int(r)] for r in rows.tolist()], device=parts[0][1].log_probs.device)
+
+    def take(name: str):
+        values = [getattr(lp, name) for _, lp in parts]
+        if values[0] is None:
+            return None
+        dim = values[0].dim() - 2  # the row dimension: [B, R] or [K, B, R]
+        padded = [torch.nn.functional.pad(v, (0, widest - v.shape[-1])) for v in values]
+        return torch.cat(padded, dim=dim).index_select(dim, index)[..., :width]
+
+    return dataclasses.replace(parts[0][1], **{name: take(name) for name in fields})
 
 
 def response_log_probs(model, batch: TrainBatch, temperature: float, *, with_entropy: bool = False, mtp: bool = True):
