@@ -158,13 +158,16 @@ def peak_rate() -> dict[int, float]:
 
 def bounds(rec: Recorder, cache: dict) -> dict[str, dict[str, float]]:
     """Per phase: FLOPs, calls, GEMM-bound seconds at the per-shape rate."""
-    out = {p: {"flops": 0.0, "calls": 0, "gemm_s": 0.0} for p in PHASES}
+    out = {p: {"flops": 0.0, "calls": 0, "gemm_s": 0.0, "attn_flops": 0.0, "attn_s": 0.0} for p in PHASES}
     for (phase, key), n in rec.calls.items():
         if key not in cache:
             cache[key] = time_call(rec.funcs[key], key)
         out[phase]["flops"] += n * rec.flops[key]
         out[phase]["calls"] += n
         out[phase]["gemm_s"] += n * cache[key]
+        if key[0] in SDPA_CPU:
+            out[phase]["attn_flops"] += n * rec.flops[key]
+            out[phase]["attn_s"] += n * cache[key]
     return out
 
 
@@ -377,7 +380,8 @@ def main() -> None:
             tot["meas"] += m
             print(f"  {n:18} {p:10} {f / 1e9:8.2f} GFLOP {f / peak:6.3f} s {g:6.3f} s {m:6.3f} s   "
                   f"{f / max(m, 1e-9) / 1e9:5.1f} GFLOP/s {100 * f / max(m, 1e-9) / peak:4.0f}%  "
-                  f"({b[n][p]['calls']} GEMM calls)")
+                  f"({b[n][p]['calls']} GEMM calls; attention {100 * b[n][p]['attn_flops'] / max(f, 1):.0f}% of "
+                  f"FLOPs, {b[n][p]['attn_s']:.3f} s of the bound)")
         f = tot["flops"]
         print(f"  {n:18} {'STEP':10} {f / 1e9:8.2f} GFLOP {f / peak:6.3f} s {tot['gemm_s']:6.3f} s "
               f"{med[n]['step']:6.3f} s   {f / med[n]['step'] / 1e9:5.1f} GFLOP/s {100 * f / med[n]['step'] / peak:4.0f}%"

@@ -1,4 +1,5 @@
-"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`, `first_draws`."""
+"""Speed options of the training step against the unoptimised path: `reuse_rollout_log_probs`, `first_draws`,
+`sort_micro_batches` (sorted, left-aligned forwards)."""
 
 import dataclasses
 
@@ -117,7 +118,7 @@ def test_sorted_micro_batches_give_the_same_loss_and_gradients(setup, regime):
         batch.old_log_probs.shape, generator=g), 0.0)
     sorted_cfg = dataclasses.replace(cfg, sort_micro_batches=True)
     lengths = sort_lengths(batch, sorted_cfg)
-    assert sort_lengths(batch, cfg) is None and torch.equal(lengths, batch.response_mask.sum(1))
+    assert sort_lengths(batch, cfg) is None and torch.equal(lengths, batch.attention_mask.sum(1))
     rows = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)[1]
     plain, ordered = micro_batches(rows, Dist(), 4), micro_batches(rows, Dist(), 4, lengths)
     assert sorted(torch.cat(ordered).tolist()) == sorted(rows.tolist())  # the same mini-batch, cut otherwise
@@ -160,14 +161,17 @@ def test_sorted_micro_batches_keep_the_first_ratio_exactly_one(setup):
 
 
 def test_gathered_log_probs_equal_the_micro_batch_forward(setup):
-    """The sorted path's gather: rows of other micro-batches' forwards = the forward of the rows' own micro-batch."""
+    """The sorted path's forward: rows of other micro-batches' left-aligned forwards, gathered = the plain
+    forward of the rows' own micro-batch."""
     from mtprl.train.batch import gather_log_probs, micro_batches, minibatch_rows, sort_lengths
     from mtprl.train.update import microbatch_forward
 
     model, cfg, batch = setup
     rows = minibatch_rows(batch.size, cfg.mini_batches, cfg.seed, 1, 0)[0]
     ordered = micro_batches(rows, Dist(), 3, sort_lengths(batch, dataclasses.replace(cfg, sort_micro_batches=True)))
-    parts = [(r, microbatch_forward(model, batch.select(r), cfg)) for r in ordered]
+    prompt_lengths = batch.attention_mask[:, : batch.prompt_len].sum(1)[rows]
+    assert len(set(prompt_lengths.tolist())) > 1  # rows with left padding: the alignment moves something
+    parts = [(r, microbatch_forward(model, batch.select(r), cfg, left_align=True)) for r in ordered]
     for mb_rows in micro_batches(rows, Dist(), 4):
         mb = batch.select(mb_rows)
         direct = microbatch_forward(model, mb, cfg)
@@ -179,3 +183,37 @@ def test_gathered_log_probs_equal_the_micro_batch_forward(setup):
         assert gathered.log_probs.requires_grad  # with graph, into the sorted forwards
     with pytest.raises(ValueError, match="in none of the parts"):
         gather_log_probs(parts[:1], rows, 4)
+
+
+def test_left_aligned_forward_equals_the_padded_one():
+    """Rows of varied prompt and response lengths: moving each row to column 0 changes nothing but rounding."""
+    from mtprl.train.batch import TrainBatch, response_log_probs
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    P, R, N = 10, 12, 6
+    prompt_len = torch.tensor([2, 10, 5, 7, 3, 9])
+    resp_len = torch.tensor([12, 1, 8, 3, 12, 5])  # long prompts with short responses: the rectangle wastes most
+    cols = torch.arange(P + R)
+    attn = (cols >= P - prompt_len[:, None]) & (cols < P + resp_len[:, None])
+    ids = torch.where(attn, torch.randint(3, len(tok), (N, P + R), generator=g), 0)
+    batch = TrainBatch.build(ids, attn, attn[:, P:], torch.randn(N, generator=g), model.num_mtp)
+    assert int(attn.sum(1).max()) < P + R  # the aligned forward is narrower (here 15 of 22 columns)
+    plain = response_log_probs(model, batch, 1.0, with_entropy=True)
+    aligned = response_log_probs(model, batch, 1.0, with_entropy=True, left_align=True)
+    for name in ("mask", "mtp_mask", "mtp_top1"):
+        assert torch.equal(getattr(aligned, name), getattr(plain, name)), name
+    assert plain.mask.sum() == resp_len.sum() and plain.mtp_mask.sum() > 0
+    for name in ("log_probs", "mtp_log_probs", "entropy"):
+        torch.testing.assert_close(getattr(aligned, name), getattr(plain, name), rtol=1e-5, atol=1e-6)
+    # and the gradient through it
+    grads = []
+    for left in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = response_log_probs(model, batch, 1.0, left_align=left)
+        (out.log_probs.sum() + out.mtp_log_probs.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-12)

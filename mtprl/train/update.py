@@ -66,9 +66,9 @@ def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist:
             raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
         batch.old_log_probs = torch.where(batch.loss_mask, batch.rollout_log_probs, 0.0)
     else:
-        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
+        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist, lengths is not None)
     if ref_model is not None:
-        batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
+        batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist, lengths is not None)
 
 
 @torch.no_grad()
@@ -91,9 +91,9 @@ def _loss_options(cfg, counts: Counts) -> dict:
                 global_seqs=counts.head_seqs)
 
 
-def microbatch_forward(model, mb: TrainBatch, cfg):
+def microbatch_forward(model, mb: TrainBatch, cfg, left_align: bool = False):
     """The training forward of a micro-batch: `response_log_probs` with entropy and MTP heads (with graph)."""
-    lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True)
+    lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True, left_align=left_align)
     if not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
         raise RuntimeError("the model scores other tokens than the batch layout expects; "
                            "mtprl.train.batch.head_masks must follow MTPCausalLM.token_log_probs")
@@ -182,8 +182,8 @@ def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
     """Forward and backward of this worker's micro-batches of mini-batch `rows` (global indices) into
     `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers).
 
-    Under `sort_micro_batches` the forward passes run on the rows sorted by length (less padding),
-    all of the mini-batch's before any loss; each loss is then formed in the unsorted micro-batches
+    Under `sort_micro_batches` the forward passes run on the rows sorted by length, left-aligned
+    (less padding), all of the mini-batch's before any loss; each loss is then formed in the unsorted micro-batches
     from the gathered rows, so every per-micro-batch quantity (OCC's ĉ, occ-exact's slope, metrics)
     sees the tokens it sees without the option, and one backward runs through all of them."""
     counts = Counts.of(batch, rows)
@@ -197,7 +197,7 @@ def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
             loss.backward()
             sums.add(metrics, float(mb.loss_mask.sum()))
         return sums.result(dist)
-    forwards = [(mb_rows, microbatch_forward(model, batch.select(mb_rows), cfg))
+    forwards = [(mb_rows, microbatch_forward(model, batch.select(mb_rows), cfg, left_align=True))
                 for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, lengths)]
     total = None
     for mb_rows in layout:
