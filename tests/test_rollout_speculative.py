@@ -71,7 +71,7 @@ def sample(model, params: SamplingParams, seed: int) -> torch.Tensor:
     return out.response_ids, out.metrics
 
 
-def resample_from_p(target_log_probs, draft_log_probs, drafts, generator):
+def resample_from_p(target_log_probs, draft_log_probs, drafts, generator, rows=None):
     """A classic bug: after a rejection draw from p instead of the residual max(0, p − q)."""
     n_acc, _ = speculative_accept(target_log_probs, draft_log_probs, drafts, generator)
     p_next = target_log_probs[torch.arange(drafts.shape[0]), n_acc].exp()

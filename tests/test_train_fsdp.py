@@ -3,13 +3,17 @@
 The slow test launches this file under `torchrun --nproc_per_node 2`. Each worker:
 1. for detach, policy and occ, shards a tiny model (2 trunk layers, 1 MTP layer), takes two RL
    steps' updates (old log-probs, 2 mini-batches × 2 epochs, 2 micro-batches each) on fixed batches,
-   with the exact diagnostics on the second, and rank 0 saves the whole parameters (gathered one at a
-   time) and the metrics; the test compares them with one unsharded process within 1e-5;
-2. exports the last model in HF layout from its shards (`export_hf`);
+   with the exact diagnostics (same-batch and held-out) on the second, and rank 0 saves the whole
+   parameters (gathered one at a time) and the metrics; the test compares them with one unsharded
+   process within 1e-5;
+2. exports the last model in HF layout from its shards (`export_hf`), and loads the tiny checkpoint as
+   the trainer does for sharding (rank 0 reads it, rank 1 builds on meta; `load_for_sharding`), each rank
+   saving the whole tensors and buffers it then holds;
 3. runs `train()` for 2 steps with a checkpoint after each (run A: KL loss to a sharded reference
-   model), then resumes A's step-1
-   checkpoint on 2 processes (run B: equal to A afterwards).
-The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher).
+   model, `rollout_rng: prompt`), then resumes A's step-1 checkpoint on 2 processes (run B: equal to A
+   afterwards).
+The test then resumes A's step-1 checkpoint on 1 process (`python -m mtprl train`, no launcher): its metrics
+afterwards equal A's too (prompt groups draw from their own generators, whatever the process count).
 """
 
 import json
@@ -93,10 +97,20 @@ def _worker(out: Path, tiny: Path) -> None:
             save_file(params, out / f"params-{regime}.safetensors")
             (out / f"metrics-{regime}.json").write_text(json.dumps([first, second]))
     export_hf(model, out / "export", tokenizer=build_tokenizer(), is_main=dist.is_main)
+    # Loading for sharding: rank 0 reads the checkpoint, rank 1 builds the model on meta and gets its shards.
+    from mtprl.train.fsdp import shard_model
+    from mtprl.train.loop import load_for_sharding
+
+    loaded, _, full_state = load_for_sharding(tiny, TrainConfig(model=str(tiny), parallel="fsdp"), dist)
+    assert (next(loaded.parameters()).device.type == "meta") == (dist.rank == 1) and bool(full_state) == dist.is_main
+    shard_model(loaded, torch.device("cpu"), bf16_compute=False, full_state=full_state)
+    whole = {name: t.clone() for name, t in iter_full_state(loaded)}
+    whole.update({f"buffer:{name}": b.clone() for name, b in loaded.named_buffers()})  # rotary inv_freq too
+    save_file(whole, out / f"loaded-rank{dist.rank}.safetensors")
     run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
                micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
                eval_at_start=False, eval_limit=2, eval_k=2, eval_suites=["add-easy"], exact_every=1, save_every=1,
-               progress=False, device="cpu", lr=1e-3, parallel="fsdp", kl_coef=0.05)
+               progress=False, device="cpu", lr=1e-3, parallel="fsdp", kl_coef=0.05, rollout_rng="prompt")
     train(TrainConfig(**run, output_dir=str(out / "A")))
     if dist.is_main:  # as if A had been killed after its step-1 checkpoint
         shutil.copytree(out / "A", out / "B")
@@ -160,7 +174,11 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert second["grad_norm"] > 0.05  # the shared clipping acted on the sharded gradients too
         exact = [k for k in second if k.startswith("exact/")]
         assert len(exact) == 6 and abs(second["exact/0/dot"]) > 0
-        for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact):
+        heldout = [k for k in second if k.startswith("heldout/")]
+        assert len(heldout) == 18 and heldout == [k for k in two_second if k.startswith("heldout/")]
+        assert abs(second["heldout/0/pdot"]) > 0 and abs(second["heldout/0/proxy_mean_ratio"]) > 0
+        for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact,
+                    *heldout):
             tol = 1e-4 if key.endswith("proxy_c_hat") else 1e-5  # a mean of ratios δμ/(μ²+ε): ill-conditioned
             assert _close(two_second[key], second[key], tol), (regime, key, two_second[key], second[key])
             if key in first:
@@ -175,6 +193,17 @@ def test_fsdp_two_processes_match_one(tmp_path):
     # one file each: embedding, trunk layer 0, trunk layer 1, final norm, the MTP layer
     assert len(list((tmp_path / "export").glob("model-*.safetensors"))) == 5
 
+    # (5) loaded on rank 0 only and sharded from its tensors: both ranks hold the checkpoint's weights and buffers.
+    from mtprl.model import MTPCausalLM
+
+    reference = MTPCausalLM.from_pretrained(tiny)
+    expected = {**{n: p.detach() for n, p in reference.named_parameters()},
+                **{f"buffer:{n}": b for n, b in reference.named_buffers()}}
+    assert any(k.endswith("inv_freq") for k in expected)
+    for rank in (0, 1):
+        got = load_file(tmp_path / f"loaded-rank{rank}.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), rank
+
     # (2) resumed on 2 processes from the step-1 checkpoint: equal to the uninterrupted run.
     a, b = _records(tmp_path / "A"), _records(tmp_path / "B")
     assert [(r["kind"], r["step"]) for r in a] == [("train", 1), ("train", 2), ("eval", 2)]
@@ -187,7 +216,6 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
 
     # ... and on 1 process: the resharded state is the checkpoint's, and the run goes on from it.
-    from mtprl.model import MTPCausalLM
     from mtprl.train.checkpoint import load_sharded_state
     from mtprl.train.update import build_optimizer
 
@@ -209,13 +237,21 @@ def test_fsdp_two_processes_match_one(tmp_path):
                           "--micro-batch-size", "2", "--max-new-tokens", "12", "--overlong-buffer", "11",
                           "--max-draws", "2", "--eval-every", "0", "--no-eval-at-start", "--eval-limit", "2",
                           "--eval-k", "2", "--eval-suites", "add-easy", "--exact-every", "1", "--save-every", "1",
-                          "--no-progress", "--device", "cpu", "--lr", "1e-3", "--kl-coef", "0.05"],
+                          "--no-progress", "--device", "cpu", "--lr", "1e-3", "--kl-coef", "0.05",
+                          "--rollout-rng", "prompt"],
                          env=env, capture_output=True, text=True, timeout=200)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process (world size 1" in one.stderr
     c = _records(tmp_path / "C")
     assert [(r["kind"], r["step"]) for r in c] == [("train", 1), ("train", 2), ("eval", 2)] and c[0] == a[0]
     assert (tmp_path / "C" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    # After the resume: the same responses (rewards, lengths, eval samples) and the same updates as A's (seen here:
+    # within 3e-8). Only the engine's count of decode forwards may differ: each worker's, averaged over workers.
+    for ra, rc in zip(a[1:], c[1:], strict=True):
+        assert ra.keys() == rc.keys() and any(k.startswith("heldout/") for k in a[1])
+        for key in ra:
+            if key != "rollout/verify_steps":
+                assert ra[key] == rc[key] or _close(ra[key], rc[key], 1e-6), (ra["step"], key, ra[key], rc[key])
 
 
 if __name__ == "__main__":

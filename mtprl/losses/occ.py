@@ -43,19 +43,45 @@ def check_occ_options(
     check_range("clip", clip)
 
 
+def _displacements(mtp_log_prob: Tensor, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(δ, μ) `[B, T]`, 0 outside `mask`, in log_prob's dtype promoted to float32."""
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    old = old_log_prob.to(dtype)
+    return torch.where(mask, log_prob.to(dtype) - old, 0.0), torch.where(mask, mtp_log_prob.to(dtype) - old, 0.0)
+
+
+def _sums(delta: Tensor, mu: Tensor, mask: Tensor, eps: float) -> Tensor:
+    ratio = torch.where(mask, delta * mu / (mu.square() + eps), 0.0)  # [B, T]
+    return torch.stack([ratio.sum(), mask.sum().to(delta.dtype), (delta * mu).sum(), mu.square().sum()])
+
+
+def proxy_sums(mtp_log_prob: Tensor, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, eps: float) -> Tensor:
+    """The OCC proxy's sufficient statistics over the valid tokens (bool `mask`) of `[B, T]` inputs, detached:
+    [Σ δμ/(μ²+ε), number of valid tokens, Σ δμ, Σ μ²] (float32, or the inputs' wider dtype).
+
+    The sums of several micro-batches or workers add up to those of their union (sum them, over ranks with an
+    all-reduce), and `proxy_from_sums` gives ĉ of the union under either estimator: the one implementation of
+    the proxy behind `occ_coefficient` and the exact diagnostics' `proxy_*` figures. Inputs are not checked.
+    """
+    with torch.no_grad():
+        return _sums(*_displacements(mtp_log_prob, log_prob, old_log_prob, mask), mask, eps)
+
+
+def proxy_from_sums(sums: Tensor, estimator: str, eps: float) -> Tensor:
+    """ĉ (0-dim) from `proxy_sums` [4] (or their total): the masked mean of δμ/(μ²+ε) ("mean-ratio", 0 without a
+    valid token) or Σδμ / (Σμ² + ε) ("ratio-of-sums")."""
+    if estimator == "mean-ratio":
+        return sums[0] / sums[1].clamp(min=1)
+    return sums[2] / (sums[3] + eps)
+
+
 def proxy_terms(
     mtp_log_prob: Tensor, log_prob: Tensor, old_log_prob: Tensor, mask: Tensor, eps: float, estimator: str
 ) -> tuple[Tensor, Tensor]:
     """(ĉ, fraction of valid tokens with |μ| < 1e-6) as detached 0-dim tensors; inputs `[B, T]`, all checked."""
     with torch.no_grad():
-        dtype = torch.promote_types(log_prob.dtype, torch.float32)
-        old = old_log_prob.to(dtype)
-        delta = torch.where(mask, log_prob.to(dtype) - old, 0.0)  # [B, T]
-        mu = torch.where(mask, mtp_log_prob.to(dtype) - old, 0.0)  # [B, T]
-        if estimator == "mean-ratio":
-            c_hat = masked_mean(delta * mu / (mu.square() + eps), mask)
-        else:
-            c_hat = (delta * mu).sum() / (mu.square().sum() + eps)
+        delta, mu = _displacements(mtp_log_prob, log_prob, old_log_prob, mask)  # [B, T] each
+        c_hat = proxy_from_sums(_sums(delta, mu, mask, eps), estimator, eps)
         small = masked_mean(mu.abs() < SMALL_MU, mask)
     return c_hat, small
 

@@ -2,10 +2,10 @@
 
 from mtprl.rollout.engine import Rollout, generate
 from mtprl.rollout.sampling import (
-    SamplingParams, filtered_log_probs, greedy_accept, policy_log_probs, speculative_accept,
+    PromptGenerators, SamplingParams, filtered_log_probs, greedy_accept, policy_log_probs, speculative_accept,
 )
 
 __all__ = [
-    "Rollout", "SamplingParams", "filtered_log_probs", "generate", "greedy_accept", "policy_log_probs",
-    "speculative_accept",
+    "PromptGenerators", "Rollout", "SamplingParams", "filtered_log_probs", "generate", "greedy_accept",
+    "policy_log_probs", "speculative_accept",
 ]

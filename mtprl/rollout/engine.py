@@ -24,7 +24,7 @@ import torch
 from mtprl.model import MTPCausalLM
 from mtprl.rollout import lean, speculative
 from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact, left_pad, prefill
-from mtprl.rollout.sampling import SamplingParams, draw, policy_log_probs
+from mtprl.rollout.sampling import PromptGenerators, SamplingParams, Source, draw, policy_log_probs
 
 
 @dataclasses.dataclass
@@ -43,8 +43,12 @@ class Rollout:
 
 
 def generate(model: MTPCausalLM, prompts: list[list[int]], params: SamplingParams,
-             eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Rollout:
-    """Sample `params.n` responses for every prompt (lists of token ids) from `model`."""
+             eos_token_id: int | None = None, generator: Source = None) -> Rollout:
+    """Sample `params.n` responses for every prompt (lists of token ids) from `model`.
+
+    `generator`: a `torch.Generator` (its numbers go to the rows in batch order), `PromptGenerators` with
+    one seed per prompt (a prompt's responses then do not depend on the other prompts of the call), or
+    None (torch's global generator)."""
     check_request(model, prompts, params, eos_token_id, generator)
     stop_ids = list(params.stop_token_ids) + ([eos_token_id] if eos_token_id is not None else [])
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -77,7 +81,7 @@ def generate(model: MTPCausalLM, prompts: list[list[int]], params: SamplingParam
 
 
 def start(model: MTPCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
-          buffer: ResponseBuffer, generator: torch.Generator | None) -> DecodeState:
+          buffer: ResponseBuffer, generator: Source) -> DecodeState:
     """Prefill the distinct prompts [U, P], copy to n rows each, sample and commit the first token."""
     n = params.n
     hidden, pos, cache = prefill(model, prompt_ids, prompt_mask)  # [U, P, d]
@@ -88,8 +92,8 @@ def start(model: MTPCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
                 c.batch_repeat_interleave(n)
     last_hidden = hidden[:, -1].repeat_interleave(n, 0)  # [N, d]
     lp = policy_log_probs(model.logits(last_hidden), params)  # [N, V]
-    token = draw(lp, params.greedy, generator)
     rows = torch.arange(last_hidden.shape[0], device=model.device)
+    token = draw(lp, params.greedy, generator, rows)
     buffer.commit(rows, token[:, None], lp.gather(1, token[:, None]))
     state = DecodeState(rows=rows, mask=prompt_mask.long().repeat_interleave(n, 0),
                         next_pos=pos[:, -1].repeat_interleave(n) + 1, last=token, cache=cache, mtp_cache=mtp_cache)
@@ -101,7 +105,7 @@ def start(model: MTPCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 
 
 def decode(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, params: SamplingParams,
-           generator: torch.Generator | None) -> dict[str, float]:
+           generator: Source) -> dict[str, float]:
     """Plain decoding, one token per row per trunk forward, until every row has finished."""
     steps, use_lean = 0, lean.supported(model)
     while (state := compact(state, buffer)) is not None:
@@ -112,7 +116,7 @@ def decode(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, param
             hidden, _ = model.trunk(state.last[:, None], state.mask, state.next_pos[:, None], state.cache,
                                     use_cache=True)  # [B, 1, d]
         lp = policy_log_probs(model.logits(hidden[:, -1]), params)  # [B, V]
-        token = draw(lp, params.greedy, generator)
+        token = draw(lp, params.greedy, generator, state.rows)
         buffer.commit(state.rows, token[:, None], lp.gather(1, token[:, None]))
         state.next_pos = state.next_pos + 1
         state.last = token
@@ -146,8 +150,13 @@ def check_request(model, prompts, params, eos_token_id, generator) -> None:
                       ("stop_token_ids", params.stop_token_ids)):
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"{name} must be token ids in [0, {vocab}), got {ids!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and not isinstance(generator, (torch.Generator, PromptGenerators)):
+        raise TypeError(f"generator must be a torch.Generator, PromptGenerators or None, got "
+                        f"{type(generator).__name__}")
+    if isinstance(generator, PromptGenerators) and (len(generator) != len(prompts) or generator.n != params.n):
+        raise ValueError(f"PromptGenerators holds {len(generator)} seeds for n={generator.n} samples, but "
+                         f"{len(prompts)} prompts with n={params.n} were asked; build it with one seed per prompt "
+                         "and the same n")
     if generator is not None and generator.device.type != model.device.type:
         raise ValueError(f"generator is on {generator.device} but the model on {model.device}; create it with "
                          f"torch.Generator(device={str(model.device)!r})")

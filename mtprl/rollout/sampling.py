@@ -1,6 +1,8 @@
 """Sampling maths of the rollout engine: parameters, logit filters, token draws, the accept rule.
 
-Everything here is a pure function of tensors (plus a `torch.Generator` for the draws).
+Everything here is a pure function of tensors (plus the source of the draws: a `torch.Generator`, whose
+numbers go to the rows in batch order, or `PromptGenerators`, one generator per prompt group, so that
+what a prompt's rows draw does not depend on which other prompts share the batch).
 Filters follow the order of `transformers`' `generate` (temperature, then top-k, then top-p),
 so that both sample from the same distribution for the same settings.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -80,7 +83,53 @@ def policy_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     return filtered_log_probs(logits, params.temperature, params.top_k, params.top_p)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+class PromptGenerators:
+    """Random numbers per prompt group: one `torch.Generator` per prompt, seeded by the caller.
+
+    Rows are prompt-major (row r belongs to prompt r // n, as `generate` lays them out). Every draw
+    (`rand`) takes one block of n entries from the generator of each prompt that has a row in the batch,
+    and row r gets entry r % n of its prompt's block. A prompt with a row still generating has a row in
+    every decode step's batch, whatever else the batch holds, so the numbers its live rows see depend on
+    its own seed and rows only: the same responses whether the prompt is sampled alone, among others, or
+    on another worker (up to the float rounding of batched forwards). Extra blocks drawn while only a
+    prompt's finished rows remain in the batch change nothing.
+    """
+
+    def __init__(self, seeds: Sequence[int], n: int, device: torch.device | str = "cpu"):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1 (the samples per prompt), got {n!r}")
+        if not seeds:
+            raise ValueError("PromptGenerators needs one seed per prompt; got none")
+        self.n, self.device = n, torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def rand(self, rows: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        """[len(rows), *tail] uniforms in [0, 1): row r's from its prompt's block of [n, *tail]."""
+        prompt = rows // self.n  # [B]
+        present, inverse = torch.unique(prompt, return_inverse=True)
+        blocks = torch.stack([torch.rand((self.n, *tail), dtype=dtype, generator=self.generators[p],
+                                         device=self.device) for p in present.tolist()])  # [G, n, *tail]
+        return blocks[inverse, rows % self.n]
+
+
+Source = torch.Generator | PromptGenerators | None  # where the random numbers of the draws come from
+
+
+def uniform(shape: tuple[int, ...], dtype: torch.dtype | None, generator: Source, device,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms of `shape` = [B, ...]: from `generator` in batch order, or per prompt (`rows` [B]: the output
+    row of each batch row, needed with `PromptGenerators`)."""
+    if isinstance(generator, PromptGenerators):
+        if rows is None:
+            raise ValueError("drawing from PromptGenerators needs the output row of every batch row (rows)")
+        return generator.rand(rows, tuple(shape[1:]), dtype)
+    return torch.rand(shape, dtype=dtype, generator=generator, device=device)
+
+
+def sample_categorical(probs: torch.Tensor, generator: Source, rows: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of probs [B, V] (non-negative, any positive total): inverse CDF. Returns [B].
 
     `torch.multinomial` draws an exponential variate per vocabulary entry; one uniform per row
@@ -90,16 +139,18 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
     """
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=probs.device) * total
+    u = uniform(tuple(total.shape), torch.float64, generator, probs.device, rows) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
-def draw(log_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of log_probs [B, V]: the argmax when greedy, else a sample. Returns [B] int64."""
+def draw(log_probs: torch.Tensor, greedy: bool, generator: Source, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of log_probs [B, V]: the argmax when greedy, else a sample. Returns [B] int64.
+
+    `rows` [B]: the output row of each batch row (read by `PromptGenerators` only)."""
     if greedy:
         return log_probs.argmax(dim=-1)
-    return sample_categorical(log_probs.exp(), generator)
+    return sample_categorical(log_probs.exp(), generator, rows)
 
 
 def leading_true(accept: torch.Tensor) -> torch.Tensor:
@@ -121,7 +172,7 @@ def greedy_accept(target_log_probs: torch.Tensor, drafts: torch.Tensor) -> tuple
 
 def speculative_accept(
     target_log_probs: torch.Tensor, draft_log_probs: torch.Tensor, drafts: torch.Tensor,
-    generator: torch.Generator | None,
+    generator: Source, rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rejection rule of speculative sampling (DESIGN §1), batched over rows.
 
@@ -131,17 +182,17 @@ def speculative_accept(
     token is drawn from the residual max(0, p_j − q_j) normalised, and after D acceptances from
     p_D (the bonus token). Per position, P(emit x) = q(x)·min(1, p/q) + P(reject)·residual(x) = p(x),
     so the output follows the main policy exactly, whatever q is.
-    Returns (n_accepted [B] in 0..D, next_token [B]).
+    `rows` [B] as in `draw`. Returns (n_accepted [B] in 0..D, next_token [B]).
     """
     B, D = drafts.shape
-    rows = torch.arange(B, device=drafts.device)
+    batch_rows = torch.arange(B, device=drafts.device)
     p = target_log_probs[:, :D].gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, D] p_j(x_j)
     q = draft_log_probs.gather(-1, drafts[..., None]).squeeze(-1).exp()  # [B, D] q_j(x_j) > 0
-    u = torch.rand(B, D, generator=generator, device=drafts.device)
+    u = uniform((B, D), None, generator, drafts.device, rows)  # None: the default dtype, float32
     n_acc = leading_true(u * q < p)  # u < p/q without dividing
-    p_next = target_log_probs[rows, n_acc].exp()  # [B, V]
-    q_next = draft_log_probs[rows, n_acc.clamp(max=D - 1)].exp() * (n_acc < D)[:, None]  # [B, V]; 0 after D
+    p_next = target_log_probs[batch_rows, n_acc].exp()  # [B, V]
+    q_next = draft_log_probs[batch_rows, n_acc.clamp(max=D - 1)].exp() * (n_acc < D)[:, None]  # [B, V]; 0 after D
     residual = (p_next - q_next).clamp(min=0)  # after D acceptances: p_D itself (the bonus token)
     # p == q up to rounding leaves no residual mass (and rejection then had ~zero probability): use p.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    return n_acc, sample_categorical(residual, generator)
+    return n_acc, sample_categorical(residual, generator, rows)

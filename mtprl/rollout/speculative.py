@@ -29,7 +29,7 @@ import torch
 from mtprl.model import MTPCausalLM
 from mtprl.rollout.batch import DecodeState, ResponseBuffer, compact, grouped_query_sdpa
 from mtprl.rollout.cache import SlotCache
-from mtprl.rollout.sampling import SamplingParams, draw, greedy_accept, policy_log_probs, speculative_accept
+from mtprl.rollout.sampling import SamplingParams, Source, draw, greedy_accept, policy_log_probs, speculative_accept
 
 
 def prefill_mtp(model: MTPCausalLM, hidden: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -55,14 +55,14 @@ def catch_up(model: MTPCausalLM, state: DecodeState, hidden: torch.Tensor, next_
     return out[torch.arange(out.shape[0], device=out.device), pick]
 
 
-def draft(model: MTPCausalLM, state: DecodeState, params: SamplingParams, generator: torch.Generator | None
+def draft(model: MTPCausalLM, state: DecodeState, params: SamplingParams, generator: Source
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draft D tokens per row: (drafts [B, D], their proposal log-probs q [B, D, V])."""
     B, D = state.last.shape[0], params.draft_tokens
     h, tokens, q = state.draft_hidden, [], []
     for d in range(D):
         lp = policy_log_probs(model.mtp_logits(0, h), params)  # [B, V]
-        tokens.append(draw(lp, params.greedy, generator))
+        tokens.append(draw(lp, params.greedy, generator, state.rows))
         q.append(lp)
         if d + 1 < D:  # next draft: source next_pos + d, inputs (own state, draft just made)
             mask = torch.cat([state.mask, state.mask.new_ones(B, d + 1)], dim=1)
@@ -75,7 +75,7 @@ def draft(model: MTPCausalLM, state: DecodeState, params: SamplingParams, genera
 
 
 def verify_step(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, params: SamplingParams,
-                generator: torch.Generator | None, accepted: torch.Tensor) -> int:
+                generator: Source, accepted: torch.Tensor) -> int:
     """One draft-verify-catch-up step; adds per-depth acceptances to accepted [D]; returns rows verified."""
     drafts, q = draft(model, state, params, generator)
     B, D = drafts.shape
@@ -88,7 +88,7 @@ def verify_step(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, 
     if params.greedy:
         n_acc, nxt = greedy_accept(target, drafts)
     else:
-        n_acc, nxt = speculative_accept(target, q, drafts, generator)
+        n_acc, nxt = speculative_accept(target, q, drafts, generator, state.rows)
 
     committed = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n_acc[:, None], nxt[:, None])  # [B, D+1]
     alive = buffer.alive(state.rows)
@@ -103,7 +103,7 @@ def verify_step(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, 
 
 
 def decode(model: MTPCausalLM, state: DecodeState, buffer: ResponseBuffer, params: SamplingParams,
-           generator: torch.Generator | None) -> dict[str, float]:
+           generator: Source) -> dict[str, float]:
     """Verify steps until every row has finished; returns the acceptance counters as metrics."""
     D = params.draft_tokens
     accepted = torch.zeros(D, dtype=torch.long, device=state.mask.device)

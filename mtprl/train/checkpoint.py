@@ -4,12 +4,13 @@ Layout of one checkpoint:
     model/               the model + MTP layers (+ tokenizer) in Hugging Face layout, safetensors
     optimizer.pt         AdamW state, read back with `torch.load(weights_only=True)` (no free pickle)
     trainer_state.json   step, data position, elapsed time, scheduler state, world size, config
-    rng-rank{r}.json     python / torch / CUDA RNG states of worker r
+    rng-rank{r}.json     python / torch / CUDA RNG states of worker r (rank 0's on another process count)
     MANIFEST.json        every other file's relative path, size and SHA-256, written after them
     COMPLETE             written last
 A sharded run (`parallel: fsdp`) writes instead of `optimizer.pt` and the model weights:
     dcp/                 model and AdamW state through torch.distributed.checkpoint, every rank
-                         writing its own shards (resumable on any number of processes: DCP reshards)
+                         writing its own shards (resumable on any number of processes: DCP reshards;
+                         the trainer allows it for runs started with rollout_rng: prompt, `resume_world_problem`)
     model/               the Hugging Face-layout export, streamed from the shards (`mtprl.train.export`)
 Such a checkpoint resumes under either `parallel` setting: the model is built from the run's base
 and the DCP state loaded into it, sharded or whole.
@@ -277,6 +278,19 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final if dist.is_main else None
+
+
+def resume_world_problem(path: Path, world: int, rollout_rng: str) -> str | None:
+    """Why checkpoint `path` cannot resume on `world` processes under `rollout_rng` without changing the run's
+    results, or None. Under `batch` each worker samples its share of the prompts from a generator of its own
+    (`mtprl.train.rollouts`), so another process count draws other responses; `prompt` resumes anywhere."""
+    recorded = int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    if recorded == world or rollout_rng == "prompt":
+        return None
+    return (f"checkpoint '{path}' was written by {recorded} process(es) and this launch has {world}; the run samples "
+            f"with rollout_rng: batch (one generator per worker), so on {world} process(es) it would draw other "
+            f"responses than the uninterrupted run. Resume it on {recorded} process(es), or start the run with "
+            "rollout_rng: prompt (one generator per prompt group), which resumes on any number of processes")
 
 
 def load_trainer_state(path: Path, optimizer, scheduler, dist: Dist, model=None) -> dict[str, Any]:

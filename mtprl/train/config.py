@@ -106,6 +106,13 @@ class TrainConfig:
                                                            "engine (weights pushed after every step, MTP layers "
                                                            "included; draft_tokens -> num_speculative_tokens; one "
                                                            "process); evaluation stays on ours")
+    rollout_rng: Literal["batch", "prompt"] = opt("batch", "random numbers of rollouts and evaluation samples: batch "
+                                                          "(one generator per worker, seeded by seed, step and rank: "
+                                                          "the responses depend on how prompts are split over "
+                                                          "workers) or prompt (one generator per prompt group, seeded "
+                                                          "by seed, step and the prompt's index: the same responses "
+                                                          "on any number of processes, so a run can resume on "
+                                                          "another process count); set when the run starts")
     vllm_kv_cache_mb: int = opt(256, "KV cache of the vLLM engine in MiB (rollout_backend vllm)")
     tis_cap: float = opt(0.0, "truncated importance sampling against the vLLM engine's log-probs: each token's "
                               "policy-gradient term weighted by min(π_old / π_vllm, tis_cap); 0: off "
@@ -217,6 +224,10 @@ class TrainConfig:
         require(not (self.rollout_backend == "vllm" and self.parallel == "fsdp"),
                 "rollout_backend vllm runs one unsharded process (the engine is built from the model as "
                 "save_pretrained writes it); use parallel: ddp with one process, or rollout_backend ours")
+        require(not (self.rollout_backend == "vllm" and self.rollout_rng == "prompt"),
+                "rollout_rng prompt makes a prompt's samples independent of how prompts are split over processes, "
+                "for our engine; the vLLM engine runs in one process and seeds every request itself, so use "
+                "rollout_rng: batch with rollout_backend vllm")
         require(self.vllm_kv_cache_mb >= 1, f"vllm_kv_cache_mb must be >= 1, got {self.vllm_kv_cache_mb}")
         require(self.rollout_backend != "vllm" or importlib.util.find_spec("vllm") is not None,
                 "rollout_backend vllm needs vLLM: `pip install mtprl[vllm]` on GPUs, `make install-vllm` on CPU "

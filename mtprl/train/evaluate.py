@@ -13,7 +13,8 @@ meant to select away), and `habit/{suite}/reference` the share that reproduce th
 MTP quality: with `draft_tokens` > 0 the greedy completions are drafted by the MTP head and
 `eval/mtp_accept` is the engine's acceptance rate; otherwise `eval/mtp_top1` (and per head
 `eval/mtp/{k}/top1`) is the teacher-forced top-1 agreement of each MTP head with the greedy
-completions' tokens. Samples are seeded by (seed, step, suite): re-running gives the same numbers.
+completions' tokens. Samples are seeded by (seed, step, suite), per worker or per problem as `rollout_rng`
+says (`mtprl.train.rollouts`): re-running gives the same numbers.
 Per-problem results (correct samples and greedy verdict of every problem) go to
 `evals/step-N.json` in the run directory (`write_problem_results`), so a run can be compared with
 its base problem by problem (a paired SE).
@@ -51,9 +52,9 @@ def _gather_texts(texts: list[str], dist: Dist) -> list[str]:
     return [t for part in parts for t in part]
 
 
-def _completions(model, tokenizer, prompts, params, seed, dist: Dist):
+def _completions(model, tokenizer, prompts, params, seed, dist: Dist, rng: str = "batch"):
     """(rollout of this worker, every worker's completion texts in prompt-major order)."""
-    rollout, texts, _ = generate_shared(model, tokenizer, prompts, params, seed, dist)
+    rollout, texts, _ = generate_shared(model, tokenizer, prompts, params, seed, dist, rng=rng)
     return rollout, _gather_texts(texts, dist)
 
 
@@ -103,9 +104,11 @@ def evaluate(model, tokenizer, suites: dict, reward_fn: RewardFn, cfg, step: int
         problems = every[:size]
         prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
         seed = derive_seed("eval", cfg.seed, step, name)
-        _, texts = _completions(model, tokenizer, prompts, sampling_params(cfg, k, cfg.eval_temperature), seed, dist)
+        rng = getattr(cfg, "rollout_rng", "batch")
+        _, texts = _completions(model, tokenizer, prompts, sampling_params(cfg, k, cfg.eval_temperature), seed, dist,
+                                rng)
         correct = [sum(reward_fn(p, t) >= 1.0 for t in texts[i * k:(i + 1) * k]) for i, p in enumerate(problems)]
-        greedy, gtexts = _completions(model, tokenizer, prompts, sampling_params(cfg, 1, 0.0), seed, dist)
+        greedy, gtexts = _completions(model, tokenizer, prompts, sampling_params(cfg, 1, 0.0), seed, dist, rng)
         right = [int(reward_fn(p, t) >= 1.0) for p, t in zip(problems, gtexts)]
         detail[name] = {"correct": correct, "greedy": right, "samples": k}
         (acc, se), (g, gse) = suite_accuracy(correct, k), suite_accuracy(right, 1)

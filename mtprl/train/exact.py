@@ -22,13 +22,19 @@ off and only calls `torch.autograd.grad`, so it writes no `.grad`, draws no rand
 leaves the update unchanged. Losses are micro-batch means; with several workers the values are
 averaged over workers.
 
-Sharded (`parallel: fsdp`): `torch.autograd.grad` cannot reach FSDP2's sharded parameters, so the
-same-batch probe takes backward passes into `.grad` instead (summed over ranks by FSDP, read as
-shards, then restored: the update after it starts from the gradients it had) and reduces the inner
-products and norms over the shards. Its batch is the first max(micro_batch_size, workers) rows of
-the mini-batch shared over the workers, each loss normalised over all of those rows: the gradient
-of one process's first micro-batch, so the values equal a 1-process run's (a test checks). The
-held-out terms are not measured sharded (`heldout_terms` returns {} there; the trainer says so).
+Sharded (`parallel: fsdp`): `torch.autograd.grad` cannot reach FSDP2's sharded parameters, so both
+measurements take backward passes into `.grad` instead (summed over ranks by FSDP, read as shards, then
+restored: the update after them starts from the gradients it had; `_shard_grads`), one forward per
+backward, and reduce the inner products and norms over the shards. The same-batch probe's batch is the
+first max(micro_batch_size, workers) rows of the mini-batch shared over the workers, each loss normalised
+over all of those rows: the gradient of one process's first micro-batch. The held-out halves run through
+each worker's micro-batches as unsharded, once per loss (g_RL, then each head's); a worker with fewer
+micro-batches than another adds passes of zero weight, so every rank runs the same collectives. Both
+equal a 1-process run's values (a test checks).
+
+The OCC proxy figures (`proxy_c_hat`, `proxy_mean_ratio`, `proxy_ratio_of_sums`) all come from
+`mtprl.losses.occ.proxy_sums` / `proxy_from_sums`, the statistics `occ_coefficient` itself uses, summed
+over micro-batches and workers.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import Tensor
 
 from mtprl.losses import gradient_alignment, mtp_head_losses, occ_coefficient, policy_loss
 from mtprl.losses.heldout import adam_preconditioner, split_half_terms
+from mtprl.losses.occ import proxy_from_sums, proxy_sums
 from mtprl.train.batch import Counts, TrainBatch, derive_seed, micro_batches, response_log_probs
 from mtprl.train.distributed import Dist
 from mtprl.train.fsdp import global_sum, is_sharded, local
@@ -106,13 +113,14 @@ def adam_preconditioners(optimizer, params: list[Tensor]) -> list[Tensor] | None
     out = []
     for p in params:
         if id(p) not in groups:
-            out.append(torch.zeros_like(p, dtype=torch.float64))
+            out.append(torch.zeros_like(local(p), dtype=torch.float64))
             continue
         state = optimizer.state.get(p, {})
         if "exp_avg_sq" not in state:
             return None
-        group = groups[id(p)]
-        out.append(adam_preconditioner(state["exp_avg_sq"], float(state["step"]), group["betas"][1], group["eps"]))
+        group = groups[id(p)]  # sharded: this rank's shard of P, from its shard of the second moment
+        out.append(adam_preconditioner(local(state["exp_avg_sq"]), float(local(state["step"])), group["betas"][1],
+                                       group["eps"]))
     return out
 
 
@@ -171,14 +179,11 @@ _SUMS = ("ratio", "n", "dm", "mm")
 
 @torch.no_grad()
 def _add_proxy_sums(sums: dict[str, float], lp, mb: TrainBatch, eps: float) -> None:
-    """Add a micro-batch's OCC proxy sums per head k: Σ δμ/(μ²+ε), valid tokens, Σ δμ, Σ μ²."""
+    """Add a micro-batch's OCC proxy sums per head k (`proxy_sums`: Σ δμ/(μ²+ε), valid tokens, Σ δμ, Σ μ²)."""
     for k in range(mb.head_mask.shape[0]):
-        mask = mb.head_mask[k]
-        delta = torch.where(mask, lp.log_probs.float() - mb.old_log_probs, 0.0)  # [B, T]
-        mu = torch.where(mask, lp.mtp_log_probs[k].float() - mb.old_log_probs, 0.0)  # [B, T]
-        for name, value in (("ratio", torch.where(mask, delta * mu / (mu.square() + eps), 0.0)),
-                            ("n", mask.float()), ("dm", delta * mu), ("mm", mu.square())):
-            sums[f"{k}/{name}"] = sums.get(f"{k}/{name}", 0.0) + float(value.sum())
+        values = proxy_sums(lp.mtp_log_probs[k], lp.log_probs, mb.old_log_probs, mb.head_mask[k], eps).tolist()
+        for name, value in zip(_SUMS, values):
+            sums[f"{k}/{name}"] = sums.get(f"{k}/{name}", 0.0) + value
 
 
 def _total_sums(sums: dict[str, float], K: int, dist: Dist) -> dict[str, float]:
@@ -188,8 +193,9 @@ def _total_sums(sums: dict[str, float], K: int, dist: Dist) -> dict[str, float]:
 
 def proxy_estimates(sums: dict[str, float], k: int, eps: float) -> dict[str, float]:
     """OCC's ĉ of head k under both estimators from `_add_proxy_sums` totals."""
-    return {"proxy_mean_ratio": sums[f"{k}/ratio"] / max(sums[f"{k}/n"], 1.0),
-            "proxy_ratio_of_sums": sums[f"{k}/dm"] / (sums[f"{k}/mm"] + eps)}
+    totals = torch.tensor([sums[f"{k}/{name}"] for name in _SUMS], dtype=torch.float64)
+    return {"proxy_mean_ratio": float(proxy_from_sums(totals, "mean-ratio", eps)),
+            "proxy_ratio_of_sums": float(proxy_from_sums(totals, "ratio-of-sums", eps))}
 
 
 @torch.no_grad()
@@ -223,11 +229,14 @@ def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dis
     per-head MTP gradients (`mtp`: [K][params]) and the preconditioner (`precond`, None before the first step).
     """
     halves = split_groups(batch.size, cfg.group_size, cfg.seed, step)
-    if halves is None or is_sharded(model):  # sharded: torch.autograd.grad cannot reach the shards
+    if halves is None:
         return {}
     rows_a, rows_b = (h.to(batch.input_ids.device) for h in halves)
-    rl_a, heads_a, sums_a = half_gradients(model, batch, rows_a, cfg, dist)
-    rl_b, heads_b, sums_b = half_gradients(model, batch, rows_b, cfg, dist)
+    sharded = is_sharded(model)  # then every gradient below is this rank's shard, and inner products are reduced
+    gradients = sharded_half_gradients if sharded else half_gradients
+    rl_a, heads_a, sums_a = gradients(model, batch, rows_a, cfg, dist)
+    rl_b, heads_b, sums_b = gradients(model, batch, rows_b, cfg, dist)
+    reduce = (lambda t: global_sum(t, True)) if sharded else None
     shared = list(model.shared_parameters())
     precond = adam_preconditioners(optimizer, shared)
     lr = float(optimizer.param_groups[0]["lr"])
@@ -236,7 +245,8 @@ def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dis
     out: dict[str, float] = {"heldout/lr": lr}
     for k, (m_a, m_b) in enumerate(zip(heads_a, heads_b)):
         w_mtp = _share(batch, rows_a, rows_b, batch.head_mask[k], by_tokens)
-        terms = split_half_terms(rl_a, rl_b, m_a, m_b, (w_rl, w_mtp), precond=precond, lr=lr, eps=cfg.occ_eps)
+        terms = split_half_terms(rl_a, rl_b, m_a, m_b, (w_rl, w_mtp), precond=precond, lr=lr, eps=cfg.occ_eps,
+                                 reduce=reduce)
         terms.update(proxy_estimates({key: sums_a[key] + sums_b[key] for key in sums_a}, k, cfg.occ_eps))
         out.update({f"heldout/{k}/{name}": value for name, value in terms.items()})
         if keep is not None:
@@ -246,19 +256,20 @@ def heldout_terms(model, optimizer, batch: TrainBatch, cfg, step: int, dist: Dis
     return out
 
 
-# ----- same-batch terms of a sharded model ---------------------------------------------------------
+# ----- a sharded model: same-batch terms and held-out half gradients --------------------------------
 
 
-def _shard_grads(loss: Tensor, every: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-    """This rank's shards of ∇ loss (summed over ranks by FSDP) on `params`; every `.grad` of `every` (all
-    the model's sharded parameters: the backward also reaches the MTP-only ones) is as before afterwards.
+def _shard_grads(backward, every: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """This rank's shards (float64) of the gradient that `backward()` (one or more backward passes) accumulates,
+    summed over ranks by FSDP, on `params`; every `.grad` of `every` (all the model's sharded parameters: the
+    backward also reaches the MTP-only ones) is as before afterwards.
 
     Both lists must hold the sharded parameters, taken outside any forward: between a forward and its
     backward the root's parameters are the unsharded tensors, whose `.grad` FSDP does not keep."""
     saved = [(p, p.grad) for p in every]
     for p, _ in saved:
         p.grad = None
-    loss.backward()
+    backward()
     out = [local(p.grad).detach().double().clone() if p.grad is not None
            else torch.zeros_like(local(p), dtype=torch.float64) for p in params]
     for p, grad in saved:
@@ -301,9 +312,9 @@ def _sharded_exact_terms(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
             all_losses, lp = losses()
             loss = all_losses[i]
             del all_losses  # no graph of this forward but the one backward through
-            grads.append(_shard_grads(loss, every, shared))
+            grads.append(_shard_grads(loss.backward, every, shared))
             if i == 0:
-                proxy = {k: _global_proxy(lp, mb, k, cfg, dist) for k in range(model.num_mtp)}
+                proxy = {k: _global_proxy(lp, mb, k, cfg) for k in range(model.num_mtp)}
             del loss, lp
         g_rl = grads[0]
         for k, g_k in enumerate(grads[1:]):
@@ -318,16 +329,49 @@ def _sharded_exact_terms(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
     return out
 
 
-def _global_proxy(lp, mb: TrainBatch, k: int, cfg, dist: Dist) -> float:
-    """OCC's ĉ of head k over every worker's rows of the probe batch (mean-ratio or ratio-of-sums)."""
-    mask = mb.head_mask[k]
-    delta = (lp.log_probs.detach() - mb.old_log_probs)[mask].double()
-    mu = (lp.mtp_log_probs[k].detach() - mb.old_log_probs)[mask].double()
-    if cfg.occ_estimator == "ratio-of-sums":
-        sums = torch.stack([(delta * mu).sum(), mu.square().sum()])
-        num, den = global_sum(sums, True).tolist()
-        return num / (den + cfg.occ_eps)
-    sums = torch.stack([(delta * mu / (mu.square() + cfg.occ_eps)).sum(), torch.tensor(float(mask.sum()),
-                                                                                    dtype=torch.float64)])
-    num, count = global_sum(sums, True).tolist()
-    return num / max(count, 1.0)
+def _global_proxy(lp, mb: TrainBatch, k: int, cfg) -> float:
+    """OCC's ĉ of head k over every worker's rows of the probe batch (`proxy_sums` summed over ranks)."""
+    sums = proxy_sums(lp.mtp_log_probs[k], lp.log_probs, mb.old_log_probs, mb.head_mask[k], cfg.occ_eps).double()
+    return float(proxy_from_sums(global_sum(sums, True), cfg.occ_estimator, cfg.occ_eps))
+
+
+def sharded_half_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist
+                           ) -> tuple[list[Tensor], list[list[Tensor]], dict[str, float]]:
+    """`half_gradients` of an FSDP2-sharded model: this rank's float64 shards of the shared parameters'
+    (g_RL, [g_k]) of the rows `rows` (summed over ranks by FSDP), and the proxy sums over all workers.
+
+    Per loss, one forward and backward per micro-batch of this worker (`micro_batches`, as unsharded), plus
+    passes of weight 0 up to the most micro-batches any worker has, so every rank runs the same collectives.
+    """
+    counts = Counts.of(batch, rows)
+    shared = list(model.shared_parameters())
+    every = list(model.parameters())
+    own = micro_batches(rows, dist, cfg.micro_batch_size)
+    shares = [dist.share(len(rows), r) for r in range(dist.world)]
+    passes = max(-(-(sh.stop - sh.start) // cfg.micro_batch_size) for sh in shares)  # the most micro-batches
+    options = dict(agg=cfg.loss_agg, norm_length=float(cfg.max_new_tokens), clip_low=cfg.clip_low,
+                   clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+    sums: dict[str, float] = {}
+
+    def backward(i: int) -> None:  # ∇ of loss i (0: L_RL, 1 + k: head k's probe loss) over the whole half
+        for j in range(passes):
+            mb = batch.select(own[j] if j < len(own) else rows[:1])
+            lp = response_log_probs(model, mb, cfg.temperature, mtp=True)
+            if i == 0:
+                loss, _ = policy_loss(lp.log_probs, mb.old_log_probs, mb.advantages, mb.loss_mask,
+                                      global_tokens=counts.tokens, global_seqs=counts.seqs, **options)
+            else:
+                loss = mtp_head_losses(cfg.regime, mtp_log_prob=lp.mtp_log_probs, mtp_mask=mb.head_mask,
+                                       log_prob=lp.log_probs, old_log_prob=mb.old_log_probs,
+                                       advantages=mb.advantages, probe=True, global_tokens=counts.head_tokens,
+                                       global_seqs=counts.head_seqs, **options)[i - 1]
+            if j >= len(own):
+                loss = loss * 0.0  # a pass of no weight: only the collectives
+            elif i == 0:
+                _add_proxy_sums(sums, lp, mb, cfg.occ_eps)
+            loss.backward()
+
+    K = batch.head_mask.shape[0]
+    with detach_off(model):
+        grads = [_shard_grads(lambda i=i: backward(i), every, shared) for i in range(1 + K)]
+    return grads[0], grads[1:], _total_sums(sums, K, dist)

@@ -21,6 +21,11 @@ decode different numbers of steps, so during generation every unit is all-gather
 whole (no collective per decoding step; peak memory: the whole model in the compute dtype on every
 rank, with no gradients or activations alive), then resharded.
 
+Loading (`mtprl.train.loop`): with several ranks only rank 0 reads the checkpoint; the others build the
+model on the meta device, and `shard_model(..., full_state=...)` gives every rank its shards from rank 0's
+tensors (`set_model_state_dict` with `broadcast_from_rank0`), so host memory holds one whole model, not one
+per rank.
+
 `iter_full_state(model)` yields (name, full tensor) one parameter at a time — the seam for pushing
 weights to vLLM and for the streaming HF export (`mtprl.train.export`); every rank must iterate
 it together (each step is a collective), rank 0 consumes.
@@ -54,8 +59,12 @@ def units(model) -> list[nn.Module]:
     return list(model.base.get_decoder().layers) + [layer.block for layer in model.mtp_layers]
 
 
-def shard_model(model, device: torch.device, bf16_compute: bool):
-    """Shard `model` in place over the default process group (every rank calls it with the same model)."""
+def shard_model(model, device: torch.device, bf16_compute: bool, full_state: dict | None = None):
+    """Shard `model` in place over the default process group (every rank calls it with the same model).
+
+    With `full_state` (rank 0's whole tensors, `model_state_from_rank0`) only rank 0 holds the weights: the
+    other ranks pass a model built on the meta device (and `full_state={}`), whose shards are allocated here
+    and filled from rank 0's tensors, one at a time, before FSDP's initialisation."""
     FSDPModule, MixedPrecisionPolicy, fully_shard, register = _fsdp()
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -70,9 +79,28 @@ def shard_model(model, device: torch.device, bf16_compute: bool):
     for module in [model] + units(model):
         module.set_gradient_divide_factor(1.0)  # sum over ranks: losses are normalised globally
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    if full_state is not None:
+        _fill_from_rank0(model, full_state, device)
     # The first FSDP state to run a forward becomes the root: make it the model's, whatever runs first.
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+def model_state_from_rank0(model) -> dict[str, Tensor]:
+    """Rank 0's whole tensors to shard from (its state dict before `fully_shard`; {} on the other ranks)."""
+    return dict(model.state_dict()) if torch_dist.get_rank() == 0 else {}
+
+
+def _fill_from_rank0(model, full_state: dict[str, Tensor], device: torch.device) -> None:
+    """Every rank's shards (and buffers) from rank 0's whole tensors; the other ranks' model is on meta."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if torch_dist.get_rank() != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
+    for _, buffer in model.named_buffers():  # the non-persistent ones too (rotary inv_freq), not in a state dict
+        torch_dist.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager

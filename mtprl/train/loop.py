@@ -5,14 +5,17 @@ dynamic sampling and overlong shaping), recompute old (and reference) log-probs 
 training precision, then `epochs` × `mini_batches` AdamW steps (`update.train_on_batch`) with the
 regime's MTP term. Every step logs one `train` record; every `eval_every` steps and at the end an
 `eval` record; every `save_every` steps and at the end an atomic checkpoint. Same config and seed,
-same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not.
+same metrics (the `time` fields and `time/*`, `rollout/tokens_per_s` aside), resumed or not; resumed on another
+number of processes too when the run samples with `rollout_rng: prompt` (then `rollout/verify_steps`, a count
+of each worker's decode forwards averaged over workers, differs; a `batch` run refuses that resume).
 
 Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/step-XXXXXXXX/, and `.lock`
 while a process writes it.
 
 Start-up goes from cheap to expensive, and writes nothing before the model is built: config →
 model directory and data (every row) → launch (printed: processes, backend, device, threads) →
-run-directory lock and state, checkpoint verification and settings (`rundir.plan_start`) →
+run-directory lock and state, checkpoint verification and settings (`rundir.plan_start`) and process count
+(`checkpoint.resume_world_problem`) →
 pre-training of the embedded base if it is not cached → model, optimizer and trainer state →
 only then the first write (`rundir.commit_start`: an `--overwrite` replaces the old run here).
 """
@@ -31,7 +34,9 @@ from mtprl.config import ConfigError, config_to_dict
 from mtprl.losses.offpolicy import rollout_mismatch
 from mtprl.model import MTPCausalLM, apply_regime, load_tokenizer
 from mtprl.model.checkpoint import check_checkpoint_dir
-from mtprl.train.checkpoint import CheckpointError, is_sharded_checkpoint, load_trainer_state, save_checkpoint
+from mtprl.train.checkpoint import (
+    CheckpointError, is_sharded_checkpoint, load_trainer_state, resume_world_problem, save_checkpoint,
+)
 from mtprl.train.config import TINY_DEFAULT, TrainConfig, checked
 from mtprl.train.data import ProblemStream, RewardFn, build_problems
 from mtprl.train.distributed import Dist, describe_launch, launch_mismatch
@@ -65,6 +70,25 @@ def load_model(path: Path, cfg: TrainConfig, device: torch.device):
     model = MTPCausalLM.from_pretrained(path, num_mtp_layers=cfg.num_mtp_layers, dtype=dtype)
     tokenizer = load_tokenizer(path)
     return model.to(device).eval(), tokenizer
+
+
+def load_for_sharding(path: Path, cfg: TrainConfig, dist: Dist):
+    """(model, tokenizer, full state) for `shard_model`: rank 0 loads the checkpoint (`load_model`), the other
+    ranks build the same model on the meta device from rank 0's config (no weights read); the full state is
+    rank 0's whole tensors ({} elsewhere), None with one process (the model is whole there anyway)."""
+    from mtprl.train.fsdp import model_state_from_rank0
+
+    if dist.world == 1:
+        return (*load_model(path, cfg, dist.device), None)
+    model, tokenizer = load_model(path, cfg, dist.device) if dist.is_main else (None, load_tokenizer(path))
+    spec = dist.broadcast_object((model.config, model.num_mtp, model.layout) if dist.is_main else None)
+    if not dist.is_main:
+        from transformers import AutoModelForCausalLM
+
+        config, num_mtp, layout = spec
+        with torch.device("meta"):
+            model = MTPCausalLM(AutoModelForCausalLM.from_config(config), num_mtp, layout=layout).to(torch.float32)
+    return model.eval(), tokenizer, model_state_from_rank0(model)
 
 
 def _accelerator(cfg: TrainConfig, run_dir: Path):
@@ -101,7 +125,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[ProblemStream, RewardFn, dict]:
     return build_problems(cfg)
 
 
-def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
+def _announce(dist: Dist, run_dir: Path) -> None:
     """Say how the run was really launched (and loudly when the environment asked for something else)."""
     if not dist.is_main:
         return
@@ -109,9 +133,6 @@ def _announce(dist: Dist, run_dir: Path, exact_every: int = 0) -> None:
     mismatch = launch_mismatch(dist.world)
     if mismatch:
         print(f"mtprl train: WARNING: {mismatch}", file=sys.stderr, flush=True)
-    if dist.parallel == "fsdp" and exact_every > 0:
-        print("mtprl train: note: sharded (parallel: fsdp), every exact_every steps logs the same-batch exact/ "
-              "terms but not the held-out heldout/ ones (those need parallel: ddp)", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -193,9 +214,12 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     stream, reward_fn, suites = check_inputs(cfg)
     accelerator = _accelerator(cfg, run_dir)
     dist = Dist(accelerator, cfg.parallel)
-    _announce(dist, run_dir, cfg.exact_every)
+    _announce(dist, run_dir)
     _check_world(cfg, dist)
     plan = _plan(cfg, run_dir, dist, lock)
+    world_problem = plan.resume_from and resume_world_problem(plan.resume_from, dist.world, cfg.rollout_rng)
+    if world_problem:  # cfg.rollout_rng is the checkpoint's (plan_start refuses other result-affecting settings)
+        raise CheckpointError(world_problem)
     cfg = dataclasses.replace(cfg, parallel=dist.parallel)  # an accelerate FSDP config selects it too
     whole = plan.resume_from is not None and not is_sharded_checkpoint(plan.resume_from)  # else DCP state below
     if whole and cfg.parallel == "fsdp":  # refused before anything expensive
@@ -203,16 +227,24 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
                               "optimizer.pt), which a sharded run cannot load; resume it with parallel: ddp")
     base = base_model_path(cfg)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
-    model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
-    apply_regime(model, cfg.regime)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
-    if cfg.parallel == "fsdp":
+    if cfg.parallel == "fsdp":  # rank 0 reads the weights, every rank gets its shards from it
         ensure_process_group(dist.device)
-        for module in (model, ref_model):
-            if module is not None:
-                shard_model(module, dist.device, bf16_compute=cfg.dtype == "bfloat16")
+        model, tokenizer, full_state = load_for_sharding(base, cfg, dist)
+        apply_regime(model, cfg.regime)
+        shard_model(model, dist.device, bf16_compute=cfg.dtype == "bfloat16", full_state=full_state)
+        del full_state
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_model, _, full_state = load_for_sharding(base, cfg, dist)
+            shard_model(ref_model.requires_grad_(False), dist.device, bf16_compute=cfg.dtype == "bfloat16",
+                        full_state=full_state)
+            del full_state
+    else:
+        model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
+        apply_regime(model, cfg.regime)
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, cfg)
     done, elapsed = 0, 0.0
     if plan.resume_from is not None:

@@ -1,9 +1,14 @@
 """One step's rollout batch: prompts → responses → rewards → (dynamic sampling) → advantages.
 
 Each draw takes `prompts_per_step` problems from the stream; the workers split them (contiguous
-shares), sample `group_size` responses per prompt with a generator seeded by (seed, step, draw,
-rank) — so a run is reproducible, and every regime with the same seed sees the same first
-rollout — score them with the task, and gather everything on every worker.
+shares), sample `group_size` responses per prompt, score them with the task, and gather everything
+on every worker. The random numbers (`rollout_rng`): `batch` (the default) draws each worker's share
+from one generator seeded by (seed, step, draw, rank), so a run is reproducible and every regime with
+the same seed sees the same first rollout, but the responses depend on how the prompts are split over
+the workers; `prompt` gives every prompt group a generator of its own seeded by (seed, step, draw, the
+prompt's index in the draw), so a prompt's responses are the same on any number of workers and a run
+can resume on another process count (up to float rounding, which differs with the batch's padding and
+could in principle flip a sampled token).
 
 DAPO options. Overlong shaping subtracts min(1, (len − (L_max − buffer)) / buffer) · penalty from
 the reward of responses longer than L_max − buffer. Dynamic sampling keeps only groups whose
@@ -24,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mtprl.losses import group_advantages
-from mtprl.rollout import SamplingParams, generate
+from mtprl.rollout import PromptGenerators, SamplingParams, generate
 from mtprl.train.batch import TrainBatch, derive_seed
 from mtprl.train.data import ProblemStream, RewardFn, encode_prompts
 from mtprl.train.distributed import Dist
@@ -63,17 +68,32 @@ def sampling_params(cfg, n: int, temperature: float) -> SamplingParams:
                           top_k=cfg.top_k, n=n, draft_tokens=cfg.draft_tokens)
 
 
+ROLLOUT_RNGS = ("batch", "prompt")
+
+
+def rollout_generator(seed: int, share: slice, n: int, rng: str, dist: Dist, device):
+    """The random numbers of this worker's share of a call's prompts (module docstring): `batch`, one generator
+    seeded by (seed, rank); `prompt`, one per prompt seeded by (seed, its index among all the call's prompts)."""
+    if rng == "prompt":
+        return PromptGenerators([derive_seed(seed, "prompt", i) for i in range(share.start, share.stop)], n, device)
+    if rng != "batch":
+        raise ValueError(f"rollout_rng must be one of {', '.join(ROLLOUT_RNGS)}, got {rng!r}")
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, dist.rank))
+
+
 def generate_shared(model, tokenizer, prompts: list[list[int]], params: SamplingParams, seed: int, dist: Dist,
-                    engine=None):
+                    engine=None, rng: str = "batch"):
     """This worker's share of `prompts` sampled (our engine, or `engine`: a `VLLMEngine`), decoded;
-    returns (rollout, texts, share)."""
+    returns (rollout, texts, share). `rng`: `batch` or `prompt` (`rollout_generator`; ours only)."""
     share = dist.share(len(prompts))
     local = prompts[share]
     if engine is not None:
+        if rng != "batch":
+            raise ValueError("the vLLM engine seeds each request itself; sample with rng='batch'")
         rollout = engine.generate(local, params, tokenizer.eos_token_id, seed=derive_seed(seed, dist.rank))
         rollout = _to_device(rollout, model.device)
     else:
-        generator = torch.Generator(device=model.device).manual_seed(derive_seed(seed, dist.rank))
+        generator = rollout_generator(seed, share, params.n, rng, dist, model.device)
         model.eval()
         rollout = generate(model, local, params, eos_token_id=tokenizer.eos_token_id, generator=generator)
     texts = [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
@@ -92,7 +112,7 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
     prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
     rollout, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, cfg.group_size,
                                                                                       cfg.temperature), seed, dist,
-                                            engine)
+                                            engine, getattr(cfg, "rollout_rng", "batch"))
     local_problems = [problems[share][int(i)] for i in rollout.prompt_index]
     raw = torch.tensor([reward_fn(p, t) for p, t in zip(local_problems, texts)], dtype=torch.float32)
     lengths = rollout.lengths.cpu()
