@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
-from mtprl.train.batch import TrainBatch
+from mtprl.train.batch import TrainBatch, response_log_probs
 from mtprl.train.config import TrainConfig
 from mtprl.train.distributed import Dist
 
@@ -106,6 +106,8 @@ def _worker(out: Path, tiny: Path) -> None:
     shard_model(loaded, torch.device("cpu"), bf16_compute=False, full_state=full_state)
     whole = {name: t.clone() for name, t in iter_full_state(loaded)}
     whole.update({f"buffer:{name}": b.clone() for name, b in loaded.named_buffers()})  # rotary inv_freq too
+    with torch.no_grad():  # and the forward computes with them (what FSDP holds, not only what the tensors show)
+        whole["forward"] = response_log_probs(loaded, global_batch(3), 1.0, mtp=True).mtp_log_probs.clone()
     save_file(whole, out / f"loaded-rank{dist.rank}.safetensors")
     run = dict(model=str(tiny), regime="occ", steps=2, prompts_per_step=2, group_size=4, mini_batches=2,
                micro_batch_size=2, max_new_tokens=12, overlong_buffer=11, max_draws=2, eval_every=0,
@@ -196,12 +198,15 @@ def test_fsdp_two_processes_match_one(tmp_path):
     # (5) loaded on rank 0 only and sharded from its tensors: both ranks hold the checkpoint's weights and buffers.
     from mtprl.model import MTPCausalLM
 
-    reference = MTPCausalLM.from_pretrained(tiny)
+    reference = MTPCausalLM.from_pretrained(tiny).eval()
     expected = {**{n: p.detach() for n, p in reference.named_parameters()},
                 **{f"buffer:{n}": b for n, b in reference.named_buffers()}}
     assert any(k.endswith("inv_freq") for k in expected)
+    with torch.no_grad():
+        forward = response_log_probs(reference, global_batch(3), 1.0, mtp=True).mtp_log_probs
     for rank in (0, 1):
         got = load_file(tmp_path / f"loaded-rank{rank}.safetensors")
+        assert torch.allclose(got.pop("forward"), forward, atol=1e-6, rtol=0), rank
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), rank
 
     # (2) resumed on 2 processes from the step-1 checkpoint: equal to the uninterrupted run.

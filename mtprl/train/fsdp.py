@@ -23,8 +23,8 @@ rank, with no gradients or activations alive), then resharded.
 
 Loading (`mtprl.train.loop`): with several ranks only rank 0 reads the checkpoint; the others build the
 model on the meta device, and `shard_model(..., full_state=...)` gives every rank its shards from rank 0's
-tensors (`set_model_state_dict` with `broadcast_from_rank0`), so host memory holds one whole model, not one
-per rank.
+tensors (`distribute_tensor` from rank 0, one parameter at a time), so host memory holds one whole model, not
+one per rank.
 
 `iter_full_state(model)` yields (name, full tensor) one parameter at a time — the seam for pushing
 weights to vLLM and for the streaming HF export (`mtprl.train.export`); every rank must iterate
@@ -92,15 +92,23 @@ def model_state_from_rank0(model) -> dict[str, Tensor]:
 
 
 def _fill_from_rank0(model, full_state: dict[str, Tensor], device: torch.device) -> None:
-    """Every rank's shards (and buffers) from rank 0's whole tensors; the other ranks' model is on meta."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Every rank's shards (and buffers) from rank 0's whole tensors, one parameter at a time; the other ranks'
+    model is on meta. Rank 0 lets go of each whole tensor once scattered (`full_state` is emptied)."""
+    from torch.distributed.tensor import distribute_tensor
 
-    if torch_dist.get_rank() != 0:
+    rank0 = torch_dist.get_rank() == 0
+    if not rank0:
         model.to_empty(device=device)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
-                                                                     broadcast_from_rank0=True))
-    for _, buffer in model.named_buffers():  # the non-persistent ones too (rotary inv_freq), not in a state dict
-        torch_dist.broadcast(buffer, src=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # DTensors; a tied tensor comes once
+            whole = (full_state.pop(name).to(device) if rank0
+                     else torch.empty(param.shape, dtype=param.dtype, device=device))  # content unused off rank 0
+            local(param).copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                                 src_data_rank=0).to_local())
+            del whole
+        for _, buffer in model.named_buffers():  # the non-persistent ones too (rotary inv_freq)
+            torch_dist.broadcast(buffer, src=0)
+    full_state.clear()
 
 
 @contextlib.contextmanager
