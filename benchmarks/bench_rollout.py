@@ -7,7 +7,8 @@ settings (no EOS, so every row generates max_new_tokens); each figure is the med
 `--repeats` rounds of tokens/s by wall clock and by this process's CPU time (the latter is
 steadier on a shared machine), with ratios against `transformers` `generate` (hf) and against
 this engine without drafting (D=0); "D=0 tf" is D=0 decoding through the transformers forward
-instead of the lean one-token step (mtprl/rollout/lean.py, same tokens bit for bit). Models, all randomly initialised unless
+instead of the lean one-token step (mtprl/rollout/lean.py, same tokens bit for bit); "D=d pr" draws from one
+generator per prompt (`PromptGenerators`, `rollout_rng: prompt`) instead of one for the batch. Models, all randomly initialised unless
 fitted: the tiny default, a 12-layer x 512-hidden model, and (with --fit-steps > 0) the tiny
 default fitted for a few hundred steps (main + MTP cross-entropy) on a noisy alphabet corpus, so
 that its MTP layer drafts something the main model agrees with. Acceptance is reported as
@@ -24,7 +25,7 @@ import time
 import torch
 
 from mtprl.model import MTPCausalLM, build_tiny_model, build_tokenizer
-from mtprl.rollout import SamplingParams, generate, lean
+from mtprl.rollout import PromptGenerators, SamplingParams, generate, lean
 
 
 def fit_alphabet(model: MTPCausalLM, tokenizer, steps: int, seed: int = 0) -> MTPCausalLM:
@@ -78,6 +79,10 @@ def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int]
         variants[f"D={d}"] = lambda g, p=p: generate(model, prompts, p, generator=g)
     if 0 in drafts:  # plain decoding through the transformers forward instead of the lean step (the old path)
         variants["D=0 tf"] = lambda g: _without_lean(generate, model, prompts, params, generator=g)
+    for d in sorted({0, max(drafts)} & set(drafts)):  # one generator per prompt (rollout_rng: prompt)
+        p = SamplingParams(**{**params.__dict__, "draft_tokens": d})
+        variants[f"D={d} pr"] = lambda g, p=p: generate(model, prompts, p, generator=PromptGenerators(
+            [g.initial_seed() * 1000 + i for i in range(len(prompts))], p.n))
     wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
     accept = {}
     with torch.no_grad():
@@ -89,7 +94,7 @@ def bench(model: MTPCausalLM, prompts, params: SamplingParams, drafts: list[int]
                 out = fn(torch.Generator().manual_seed(r))
                 wall[name].append(tokens / (time.perf_counter() - t))
                 cpu[name].append(tokens / (time.process_time() - c))
-                if out is not None and name not in ("D=0", "D=0 tf"):
+                if out is not None and name not in ("D=0", "D=0 tf", "D=0 pr"):
                     accept.setdefault(name, []).append(out.metrics["rollout/accept_rate"])
     mode = "greedy" if params.greedy else f"T={params.temperature} top_p={params.top_p} top_k={params.top_k}"
     print(f"  [{mode}]  {len(prompts)} prompts x n={params.n}, {params.max_new_tokens} new tokens")
