@@ -60,9 +60,10 @@ class TrainConfig:
                                "divide prompts_per_step × group_size")
     epochs: int = opt(1, "passes over each rollout batch")
     micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation within a mini-batch)")
-    sort_micro_batches: bool = opt(False, "cut each mini-batch into micro-batches in order of response length (less "
-                                          "padding, same loss up to float rounding; but OCC's ĉ and occ-exact's "
-                                          "slope, computed per micro-batch, then see other tokens)")
+    sort_micro_batches: bool = opt(False, "run the forward passes on each mini-batch's rows sorted by response length "
+                                          "(less padding); losses, OCC's ĉ and gradients are still formed per "
+                                          "unsorted micro-batch, so they equal those without it up to float "
+                                          "rounding; holds a whole mini-batch's graph at once")
 
     # ----- optimiser ------------------------------------------------------------------------------
     lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)")
