@@ -105,7 +105,7 @@ class TrainConfig:
     rollout_backend: Literal["ours", "vllm"] = opt("ours", "engine of the training rollouts: ours, or a colocated vLLM "
                                                            "engine (weights pushed after every step, MTP layers "
                                                            "included; draft_tokens -> num_speculative_tokens; one "
-                                                           "process); evaluation stays on ours")
+                                                           "engine per process); evaluation stays on ours")
     rollout_rng: Literal["batch", "prompt"] = opt("batch", "random numbers of rollouts and evaluation samples: batch "
                                                           "(one generator per worker, seeded by seed, step and rank: "
                                                           "the responses depend on how prompts are split over "
