@@ -16,8 +16,9 @@ no dynamic sampling, old log-probs recomputed by each. Variants:
   sampler, no separate forward; an approximation, off by default);
 - `mtprl (first K)` (with --dynamic --first-draws K): dynamic sampling's first K draws as one
   batch of the engine (the option `first_draws`, off by default);
-- `mtprl (sorted mb)` (with --sort): the option `sort_micro_batches` (less padding; the same loss up
-  to rounding except OCC's per-micro-batch ĉ); `mtprl (all opts)` (--all-options): every option on;
+- `mtprl (sorted mb)` (with --sort): the option `sort_micro_batches` (forwards on rows sorted by
+  length and left-aligned: less padding; losses, OCC's ĉ and gradients the same up to float
+  rounding); `mtprl (all opts)` (--all-options): every option on;
 - `trl`: TRL's `GRPOTrainer` on the plain Qwen2 base (`loss_type="dapo"`, i.e. token-mean),
   `per_device_train_batch_size=16`, `gradient_accumulation_steps=2`, `steps_per_generation=8`;
 - `trl+mtp`: our `MTPGRPOTrainer` (occ) with the same arguments.

@@ -7,7 +7,10 @@ process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor `uni`), so `push_weights` 
 the worker without copying them through a pipe: the trunk goes to the target model's
 `load_weights`, the MTP layers (`model.mtp_layers.N.*`) to the drafter's; vLLM's MTP drafter
 shares the target's embedding and output head (the same tensors), so those arrive through the
-trunk. The prefix cache is reset after every push (cached KV of old weights must not be reused).
+trunk. The weights are handed over one decoder layer at a time (`chunks`: each trunk layer, each MTP
+layer, the embedding, the final norm), pulled lazily from the caller's iterable, so a sharded trainer's
+all-gathered tensors are never all alive at once; a tied output head is re-packed once the push is
+finished, and the prefix cache is reset (cached KV of old weights must not be reused).
 
 Log-probs are those of the distribution sampled from (`logprobs_mode="processed_logprobs"`:
 after temperature, top-k, top-p), as our engine reports them. The trainer still recomputes old
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -100,6 +104,31 @@ def hf_weights(model, state: Iterable[tuple[str, torch.Tensor]] | None = None) -
             raise ValueError(f"weight '{name}' is neither the trunk's (base.*) nor an MTP layer's (mtp_layers.*)")
 
 
+_UNIT = re.compile(r"^model\.(layers|mtp_layers)\.(\d+)\.")
+
+
+def push_unit(name: str) -> str:
+    """The part of the model a checkpoint-named tensor belongs to: `layers.N`, `mtp_layers.N`, or `rest`."""
+    match = _UNIT.match(name)
+    return f"{match.group(1)}.{match.group(2)}" if match else "rest"
+
+
+def chunks(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive (name, tensor) pairs of one decoder layer (trunk or MTP) per chunk; the rest (embedding,
+    final norm, an untied head) in runs of their own. Pulls `weights` lazily: besides the chunk handed out,
+    only the tensor that starts the next one is held."""
+    chunk, unit = [], None
+    for name, tensor in weights:
+        if chunk and push_unit(name) != unit:
+            out, chunk = chunk, []
+            yield out
+            del out
+        chunk.append((name, tensor))
+        unit = push_unit(name)
+    if chunk:
+        yield chunk
+
+
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[int, int]:
     """Runs on the vLLM worker: trunk weights into the target model, `model.mtp_layers.*` into the drafter.
 
@@ -121,14 +150,19 @@ def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[
         if part:
             reload_weights(runner.vllm_config, module, weights_iterator=iter(part), weights_path=None,
                            is_checkpoint_format=True)
+    return len(trunk), len(mtp)
+
+
+def _repack_tied_head(worker) -> None:
+    """Runs on the vLLM worker after a push that reached the trunk. A tied head gets no weight of its own, so
+    the reload leaves it unprocessed; on CPU its processing packed a copy of the old embedding for the logits
+    GEMM: pack the new one (once per push, after the embedding's chunk, whichever chunk that was)."""
+    runner = worker.model_runner
     head = getattr(runner.model, "lm_head", None)
-    if trunk and head is not None and getattr(runner.model.config, "tie_word_embeddings", False):
-        # A tied head gets no weight of its own, so the reload leaves it unprocessed; on CPU its
-        # processing packed a copy of the old embedding for the logits GEMM: pack the new one.
+    if head is not None and getattr(runner.model.config, "tie_word_embeddings", False):
         heads = [head, getattr(getattr(getattr(runner, "drafter", None), "model", None), "lm_head", None)]
         for h in {id(h): h for h in heads if h is not None}.values():
             h.quant_method.process_weights_after_loading(h)
-    return len(trunk), len(mtp)
 
 
 @dataclasses.dataclass
@@ -161,19 +195,29 @@ class VLLMEngine:
                             max_model_len=settings.max_model_len, seed=settings.seed, disable_log_stats=False,
                             logprobs_mode="processed_logprobs", distributed_executor_backend="uni")
         self.pushes = 0
+        self._trunk_pushed = False  # since the last finish_push
 
     # ----- weights --------------------------------------------------------------------------
     def push_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
         """Load (name, tensor) pairs in checkpoint names into the running engine; (trunk, MTP) tensors loaded.
 
-        Any subset is accepted (e.g. one layer at a time from a sharded trainer); call
-        `finish_push` once the last part is in.
+        Any subset is accepted, in any number of calls; call `finish_push` once the last part is in. The
+        pairs are pulled lazily and handed over one decoder layer at a time (`chunks`), so a sharded
+        trainer's all-gathered tensors (`mtprl.train.fsdp.iter_full_state`) are never all alive at once.
         """
-        counts = self.llm.collective_rpc(_load_into_worker, args=(list(weights),))[0]
-        return tuple(counts)
+        trunk = mtp = 0
+        for chunk in chunks(weights):
+            t, m = self.llm.collective_rpc(_load_into_worker, args=(chunk,))[0]
+            del chunk
+            trunk, mtp = trunk + t, mtp + m
+        self._trunk_pushed = self._trunk_pushed or trunk > 0
+        return trunk, mtp
 
     def finish_push(self) -> None:
-        """Drop KV blocks cached under the old weights."""
+        """Re-pack a tied output head if the trunk changed, and drop KV blocks cached under the old weights."""
+        if self._trunk_pushed:
+            self.llm.collective_rpc(_repack_tied_head)
+        self._trunk_pushed = False
         self.llm.reset_prefix_cache()
         self.pushes += 1
 
@@ -181,6 +225,12 @@ class VLLMEngine:
         """Push every weight of `model` (an `MTPCausalLM`), trunk and MTP layers; `state` as for `hf_weights`."""
         self.push_weights(hf_weights(model, state))
         self.finish_push()
+
+    def close(self) -> None:
+        """Shut the engine down. vLLM's teardown destroys its process groups *and the default one* (which, in
+        a launched run, vLLM shares with the trainer: its tensor-parallel groups of one are carved out of it),
+        so call this last, once every rank is past its last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     # ----- generation -----------------------------------------------------------------------
     def _counters(self) -> dict[str, object]:

@@ -60,9 +60,10 @@ class TrainConfig:
                                "divide prompts_per_step × group_size")
     epochs: int = opt(1, "passes over each rollout batch")
     micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation within a mini-batch)")
-    sort_micro_batches: bool = opt(False, "cut each mini-batch into micro-batches in order of response length (less "
-                                          "padding, same loss up to float rounding; but OCC's ĉ and occ-exact's "
-                                          "slope, computed per micro-batch, then see other tokens)")
+    sort_micro_batches: bool = opt(False, "run the forward passes on each mini-batch's rows sorted by response length "
+                                          "(less padding); losses, OCC's ĉ and gradients are still formed per "
+                                          "unsorted micro-batch, so they equal those without it up to float "
+                                          "rounding; holds a whole mini-batch's graph at once")
 
     # ----- optimiser ------------------------------------------------------------------------------
     lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)")
@@ -104,7 +105,7 @@ class TrainConfig:
     rollout_backend: Literal["ours", "vllm"] = opt("ours", "engine of the training rollouts: ours, or a colocated vLLM "
                                                            "engine (weights pushed after every step, MTP layers "
                                                            "included; draft_tokens -> num_speculative_tokens; one "
-                                                           "process); evaluation stays on ours")
+                                                           "engine per process); evaluation stays on ours")
     rollout_rng: Literal["batch", "prompt"] = opt("batch", "random numbers of rollouts and evaluation samples: batch "
                                                           "(one generator per worker, seeded by seed, step and rank: "
                                                           "the responses depend on how prompts are split over "
@@ -220,12 +221,9 @@ class TrainConfig:
                 "rollout_backend vllm recomputes the old log-probs in the trainer (the vLLM engine's differ from "
                 "them, and that off-policy error is what rollout/mismatch_* and tis_cap measure and correct); "
                 "set reuse_rollout_log_probs: false")
-        require(not (self.rollout_backend == "vllm" and self.parallel == "fsdp"),
-                "rollout_backend vllm runs one unsharded process (the engine is built from the model as "
-                "save_pretrained writes it); use parallel: ddp with one process, or rollout_backend ours")
         require(not (self.rollout_backend == "vllm" and self.rollout_rng == "prompt"),
                 "rollout_rng prompt makes a prompt's samples independent of how prompts are split over processes, "
-                "for our engine; the vLLM engine runs in one process and seeds every request itself, so use "
+                "for our engine; each process's vLLM engine seeds every request itself, so use "
                 "rollout_rng: batch with rollout_backend vllm")
         require(self.vllm_kv_cache_mb >= 1, f"vllm_kv_cache_mb must be >= 1, got {self.vllm_kv_cache_mb}")
         require(self.rollout_backend != "vllm" or importlib.util.find_spec("vllm") is not None,

@@ -262,7 +262,7 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     if cfg.rollout_backend == "vllm":
         from mtprl.train.vllm_rollouts import start_engine
 
-        engine = start_engine(model, tokenizer, cfg, dist.world)
+        engine = start_engine(model, tokenizer, cfg, dist, run_dir)
     run = Run(cfg, run_dir, dist, model, tokenizer, ref_model, optimizer, scheduler, stream, reward_fn, suites, log,
               started=time.perf_counter() - elapsed, engine=engine)
     return run, done
@@ -275,6 +275,9 @@ def train(cfg: TrainConfig) -> Path:
     try:
         run, done = _start(cfg, lock)
         _loop(run, done)
+        if run.engine is not None:  # last: vLLM's teardown ends the process group too (VLLMEngine.close)
+            run.dist.barrier()
+            run.engine.close()
     finally:
         lock.release()
         release_process_group()

@@ -13,6 +13,8 @@ Departures from the paper's recipe / verl:
 - OCC's ĉ (and occ-exact's slope) is computed per micro-batch, from the tokens of the forward pass
   it scales (as verl computes each micro-batch's loss); with micro_batch_size >= the mini-batch it
   is the mini-batch's ĉ. λ is identical for 1 or N workers when the micro-batches are the same rows.
+  Under `sort_micro_batches` (off by default) only the forward passes run on rows sorted by length;
+  ĉ is still that of the unsorted micro-batch (see `accumulate_gradients`).
 - Dropout is off (the model stays in eval mode), so old and new log-probs are comparable.
 """
 
@@ -26,7 +28,8 @@ from torch import Tensor
 from mtprl.losses import exact_slopes, get_regime, kl_loss, mtp_head_losses, mtp_loss, policy_loss
 from mtprl.losses.offpolicy import tis_weights
 from mtprl.train.batch import (
-    Counts, TrainBatch, layout_log_probs, micro_batches, minibatch_rows, response_log_probs, sort_lengths,
+    Counts, TrainBatch, gather_log_probs, layout_log_probs, micro_batches, minibatch_rows, response_log_probs,
+    sort_lengths,
 )
 from mtprl.train.distributed import Dist
 from mtprl.train.exact import exact_terms, heldout_terms
@@ -63,9 +66,9 @@ def prepare_log_probs(model, ref_model, batch: TrainBatch, cfg, step: int, dist:
             raise ValueError("reuse_rollout_log_probs needs the batch's rollout_log_probs (set by collect_batch)")
         batch.old_log_probs = torch.where(batch.loss_mask, batch.rollout_log_probs, 0.0)
     else:
-        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist)
+        batch.old_log_probs = layout_log_probs(model, batch, layout, cfg.temperature, dist, lengths is not None)
     if ref_model is not None:
-        batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist)
+        batch.ref_log_probs = layout_log_probs(ref_model, batch, layout, cfg.temperature, dist, lengths is not None)
 
 
 @torch.no_grad()
@@ -88,12 +91,25 @@ def _loss_options(cfg, counts: Counts) -> dict:
                 global_seqs=counts.head_seqs)
 
 
-def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts) -> tuple[Tensor, dict[str, float]]:
-    """The micro-batch's share of the mini-batch loss (0-dim, with graph) and its metrics."""
-    lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True)
+def microbatch_forward(model, mb: TrainBatch, cfg, left_align: bool = False):
+    """The training forward of a micro-batch: `response_log_probs` with entropy and MTP heads (with graph)."""
+    lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True, left_align=left_align)
     if not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
         raise RuntimeError("the model scores other tokens than the batch layout expects; "
                            "mtprl.train.batch.head_masks must follow MTPCausalLM.token_log_probs")
+    return lp
+
+
+def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts, lp=None) -> tuple[Tensor, dict[str, float]]:
+    """The micro-batch's share of the mini-batch loss (0-dim, with graph) and its metrics.
+
+    `lp`: the micro-batch's `microbatch_forward` if already computed elsewhere (under
+    `sort_micro_batches`, gathered from the forwards of the sorted micro-batches)."""
+    if lp is None:
+        lp = microbatch_forward(model, mb, cfg)
+    elif not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
+        raise RuntimeError("the given log-probs cover other tokens than the micro-batch (gather_log_probs' rows "
+                           "or width do not match the micro-batch)")
     advantages, tis = mb.advantages, {}
     if getattr(cfg, "tis_cap", 0) > 0:  # TIS: per-token weights as advantage factors (mtprl.losses.offpolicy)
         weights, tis = tis_weights(mb.old_log_probs, mb.rollout_log_probs, mb.loss_mask, cfg.tis_cap)
@@ -164,14 +180,34 @@ def _step(model, optimizer, scheduler, cfg, dist: Dist) -> dict[str, float]:
 
 def accumulate_gradients(model, batch: TrainBatch, rows: Tensor, cfg, dist: Dist) -> dict[str, float]:
     """Forward and backward of this worker's micro-batches of mini-batch `rows` (global indices) into
-    `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers)."""
+    `.grad`, not yet summed over workers; returns the mini-batch's metrics (over all workers).
+
+    Under `sort_micro_batches` the forward passes run on the rows sorted by length, left-aligned
+    (less padding), all of the mini-batch's before any loss; each loss is then formed in the unsorted micro-batches
+    from the gathered rows, so every per-micro-batch quantity (OCC's ĉ, occ-exact's slope, metrics)
+    sees the tokens it sees without the option, and one backward runs through all of them."""
     counts = Counts.of(batch, rows)
     sums = MetricSums()
-    for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, sort_lengths(batch, cfg)):
+    layout = micro_batches(rows, dist, cfg.micro_batch_size)
+    lengths = sort_lengths(batch, cfg)
+    if lengths is None:
+        for mb_rows in layout:
+            mb = batch.select(mb_rows)
+            loss, metrics = microbatch_loss(model, mb, cfg, counts)
+            loss.backward()
+            sums.add(metrics, float(mb.loss_mask.sum()))
+        return sums.result(dist)
+    forwards = [(mb_rows, microbatch_forward(model, batch.select(mb_rows), cfg, left_align=True))
+                for mb_rows in micro_batches(rows, dist, cfg.micro_batch_size, lengths)]
+    total = None
+    for mb_rows in layout:
         mb = batch.select(mb_rows)
-        loss, metrics = microbatch_loss(model, mb, cfg, counts)
-        loss.backward()
+        lp = gather_log_probs(forwards, mb_rows, mb.response_mask.shape[1])
+        loss, metrics = microbatch_loss(model, mb, cfg, counts, lp=lp)
+        total = loss if total is None else total + loss
         sums.add(metrics, float(mb.loss_mask.sum()))
+    if total is not None:
+        total.backward()
     return sums.result(dist)
 
 
