@@ -334,19 +334,18 @@ def evaluate_arm_claims(groups: dict[str, list[Run]], summary: dict[str, Any]) -
     """Claims (1)–(4) on every λ₀ arm of occ / ce / policy other than the one `evaluate_claims` judged,
     each with `lambda0` and its λ₀ in the claim's text; by claim, then λ₀."""
     base = summary.get("base_coef")
+    judges = (  # the claims about each of CLAIM_REGIMES, as evaluate_claims builds them
+        lambda arm: [_versus_reference(summary, 1, arm, "occ matches or beats detach", want_worse=False)],
+        lambda arm: [_versus_reference(summary, 2, arm, "ce falls below detach", want_worse=True)],
+        lambda arm: [claim_policy_rise_fall(groups, summary, arm), claim_policy_terms(groups, arm)],
+    )
     out = []
-    for regime in CLAIM_REGIMES:
+    for regime, judge in zip(CLAIM_REGIMES, judges):
         judged = group_name(groups, regime, base)
         for arm in _arms_of(groups, regime):
             if arm == judged:
                 continue
-            if regime == "occ":
-                found = [_versus_reference(summary, 1, arm, "occ matches or beats detach", want_worse=False)]
-            elif regime == "ce":
-                found = [_versus_reference(summary, 2, arm, "ce falls below detach", want_worse=True)]
-            else:
-                found = [claim_policy_rise_fall(groups, summary, arm), claim_policy_terms(groups, arm)]
-            for claim in found:
+            for claim in judge(arm):
                 claim["lambda0"] = float(arm.partition("@")[2])
                 claim["claim"] += f", at λ₀ = {arm.partition('@')[2]} ({arm})"
                 out.append(claim)
