@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -97,13 +96,10 @@ def _worker(args, out: Path) -> None:
     torch_dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
+    from mtprl.train.distributed import free_port
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
@@ -119,7 +115,7 @@ def main() -> None:
     passed = [f"--{k}={v}" for k, v in vars(args).items() if k != "worker"]
     for world in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-               str(_free_port()), __file__, *passed, f"--worker={out}"]
+               str(free_port()), __file__, *passed, f"--worker={out}"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"the {world}-process run failed:\n{done.stderr[-3000:]}")

@@ -9,7 +9,6 @@ then run `train()` for two steps (rollouts split across workers, checkpoint by r
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
 from mtprl.train.batch import TrainBatch
 from mtprl.train.config import TrainConfig
-from mtprl.train.distributed import Dist, launch_mismatch, shutdown
+from mtprl.train.distributed import Dist, free_port, launch_mismatch, shutdown
 from mtprl.train.update import build_optimizer, prepare_log_probs, train_on_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,11 +82,6 @@ def _worker(out: Path, tiny: Path) -> None:
     shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_take_the_one_process_step(tmp_path):
@@ -101,7 +95,7 @@ def test_two_processes_take_the_one_process_step(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), __file__, str(tmp_path), str(tiny)]
+           "--main_process_port", str(free_port()), __file__, str(tmp_path), str(tiny)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Rank 0 says how the run was launched, and nobody warns about a mismatch.
@@ -146,7 +140,7 @@ def test_cpu_launch_that_runs_one_process_says_so(tmp_path, tiny_checkpoint):
                                                                exact_every=0))))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "mtprl", "train", "--config", str(cfg_file)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

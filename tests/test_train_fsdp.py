@@ -19,7 +19,6 @@ afterwards equal A's too (prompt groups draw from their own generators, whatever
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from mtprl.model import apply_regime, build_tiny_model, build_tokenizer
 from mtprl.train.batch import TrainBatch, response_log_probs
 from mtprl.train.config import TrainConfig
-from mtprl.train.distributed import Dist
+from mtprl.train.distributed import Dist, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -121,11 +120,6 @@ def _worker(out: Path, tiny: Path) -> None:
     shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _records(run_dir: Path) -> list[dict]:
     from mtprl.train.metrics import read_metrics
@@ -156,7 +150,7 @@ def test_fsdp_two_processes_match_one(tmp_path):
     build_tiny_model(tok, num_mtp_layers=1, seed=0, **SMALL).save_pretrained(tiny, tokenizer=tok)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__, str(tmp_path), str(tiny)]
+           str(free_port()), __file__, str(tmp_path), str(tiny)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "2 processes (world size 2, process-group backend gloo)" in done.stderr

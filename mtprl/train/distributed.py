@@ -17,6 +17,7 @@ config selects it too (`Dist.parallel`). DeepSpeed and Megatron launches are ref
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as torch_dist
@@ -151,6 +152,13 @@ def shutdown(wait: bool = True) -> None:
         if wait:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now, for a launcher's rendezvous (`torchrun --master_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def describe_launch(dist: Dist) -> str:

@@ -10,13 +10,14 @@ the same prompts with the same seeds on each rank, so their step metrics agree w
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from mtprl.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -76,16 +77,11 @@ def _worker(out: Path, base: str, parallel: str) -> None:
     shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(tmp_path: Path, base: Path, parallel: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__, str(tmp_path), str(base), parallel]
+           str(free_port()), __file__, str(tmp_path), str(base), parallel]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-6000:]
     return [json.loads((tmp_path / f"{parallel}-rank{r}.json").read_text()) for r in range(2)]
