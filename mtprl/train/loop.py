@@ -204,6 +204,29 @@ def _plan(cfg: TrainConfig, run_dir: Path, dist: Dist, lock: RunLock) -> StartPl
     return dist.broadcast_object(plan)
 
 
+def _build_models(cfg: TrainConfig, dist: Dist, path: Path, base: Path):
+    """(model from `path` with the regime applied, tokenizer, frozen reference model from `base` or None).
+    Under `parallel: fsdp` both are sharded, rank 0 reading the weights and every rank getting its shards from
+    it (`load_for_sharding`, `shard_model`); otherwise whole on every worker."""
+    sharded = cfg.parallel == "fsdp"
+    if sharded:
+        ensure_process_group(dist.device)
+
+    def build(source: Path, prepare):
+        if sharded:
+            model, tokenizer, full_state = load_for_sharding(source, cfg, dist)
+        else:
+            model, tokenizer = load_model(source, cfg, dist.device)
+        prepare(model)
+        if sharded:  # after `prepare`: the regime's detach switches and frozen parameters are set before sharding
+            shard_model(model, dist.device, bf16_compute=cfg.dtype == "bfloat16", full_state=full_state)
+        return model, tokenizer
+
+    model, tokenizer = build(path, lambda m: apply_regime(m, cfg.regime))
+    ref_model = build(base, lambda m: m.requires_grad_(False))[0] if cfg.kl_coef > 0 else None
+    return model, tokenizer, ref_model
+
+
 def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
     """Check, lock, build (or restore) the run; returns it and the number of steps already done.
 
@@ -227,24 +250,7 @@ def _start(cfg: TrainConfig, lock: RunLock) -> tuple[Run, int]:
                               "optimizer.pt), which a sharded run cannot load; resume it with parallel: ddp")
     base = base_model_path(cfg)
     torch.manual_seed(cfg.seed)  # fresh MTP layers of a checkpoint without them draw from it
-    if cfg.parallel == "fsdp":  # rank 0 reads the weights, every rank gets its shards from it
-        ensure_process_group(dist.device)
-        model, tokenizer, full_state = load_for_sharding(base, cfg, dist)
-        apply_regime(model, cfg.regime)
-        shard_model(model, dist.device, bf16_compute=cfg.dtype == "bfloat16", full_state=full_state)
-        del full_state
-        ref_model = None
-        if cfg.kl_coef > 0:
-            ref_model, _, full_state = load_for_sharding(base, cfg, dist)
-            shard_model(ref_model.requires_grad_(False), dist.device, bf16_compute=cfg.dtype == "bfloat16",
-                        full_state=full_state)
-            del full_state
-    else:
-        model, tokenizer = load_model(plan.resume_from / "model" if whole else base, cfg, dist.device)
-        apply_regime(model, cfg.regime)
-        ref_model = None
-        if cfg.kl_coef > 0:
-            ref_model = load_model(base, cfg, dist.device)[0].requires_grad_(False)
+    model, tokenizer, ref_model = _build_models(cfg, dist, plan.resume_from / "model" if whole else base, base)
     optimizer, scheduler = build_optimizer(model, cfg)
     done, elapsed = 0, 0.0
     if plan.resume_from is not None:

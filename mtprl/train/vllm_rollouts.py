@@ -11,7 +11,9 @@ each running engine (`VLLMEngine.sync` of `mtprl.train.fsdp.iter_full_state`: al
 parameter at a time when sharded, handed to vLLM one decoder layer at a time), so each rollout samples
 from the current policy.
 
-vLLM inside a launched process group: see `_own_group` (vLLM's world is this process alone).
+vLLM inside a launched process group: vLLM 0.32's single-process executor re-uses the launched (gloo)
+group and builds its tensor-parallel groups of one from it; its teardown destroys the default group,
+so the trainer closes the engine last (`VLLMEngine.close`).
 """
 
 from __future__ import annotations
