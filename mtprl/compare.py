@@ -238,7 +238,8 @@ def run_parallel(todo: list[tuple[str, object]], workers: int) -> None:
 # TrainConfig fields that decide what the shared base evaluation measures.
 _BASE_EVAL_FIELDS = ("model", "num_mtp_layers", "data", "eval_data", "eval_suites", "families", "chat_template",
                      "max_prompt_tokens", "max_new_tokens", "top_p", "top_k", "draft_tokens", "eval_k",
-                     "eval_temperature", "eval_limit", "final_eval_limit", "dtype", "micro_batch_size")
+                     "eval_temperature", "eval_limit", "final_eval_limit", "dtype", "micro_batch_size",
+                     "rollout_rng")
 
 
 def evaluate_base(train_cfg, out_dir: Path) -> dict:

@@ -176,3 +176,17 @@ def test_bad_data_fails_before_the_base_is_pretrained(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="row 1, column 'answer' is missing"):
         run_compare(cfg)
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_shared_base_evaluation_is_redone_when_its_sampling_changes(base_dir, tmp_path):
+    import dataclasses
+
+    from mtprl.compare import evaluate_base
+
+    (_, tc), = plan_runs(_mini(base_dir, tmp_path / "exp", regimes=["detach"], workers=1))
+    first = evaluate_base(tc, tmp_path / "base")
+    assert evaluate_base(tc, tmp_path / "base") == first  # the same settings: the saved evaluation, as it was
+    # rollout_rng decides which responses the base's samples are; a saved batch-mode evaluation is not re-used
+    other = evaluate_base(dataclasses.replace(tc, rollout_rng="prompt"), tmp_path / "base")
+    assert first["settings"]["rollout_rng"] == "batch" and other["settings"]["rollout_rng"] == "prompt"
+    assert other["wall_time"] != first["wall_time"]

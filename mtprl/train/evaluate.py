@@ -104,11 +104,11 @@ def evaluate(model, tokenizer, suites: dict, reward_fn: RewardFn, cfg, step: int
         problems = every[:size]
         prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
         seed = derive_seed("eval", cfg.seed, step, name)
-        rng = getattr(cfg, "rollout_rng", "batch")
         _, texts = _completions(model, tokenizer, prompts, sampling_params(cfg, k, cfg.eval_temperature), seed, dist,
-                                rng)
+                                cfg.rollout_rng)
         correct = [sum(reward_fn(p, t) >= 1.0 for t in texts[i * k:(i + 1) * k]) for i, p in enumerate(problems)]
-        greedy, gtexts = _completions(model, tokenizer, prompts, sampling_params(cfg, 1, 0.0), seed, dist, rng)
+        greedy, gtexts = _completions(model, tokenizer, prompts, sampling_params(cfg, 1, 0.0), seed, dist,
+                                      cfg.rollout_rng)
         right = [int(reward_fn(p, t) >= 1.0) for p, t in zip(problems, gtexts)]
         detail[name] = {"correct": correct, "greedy": right, "samples": k}
         (acc, se), (g, gse) = suite_accuracy(correct, k), suite_accuracy(right, 1)

@@ -112,7 +112,7 @@ def sample_draw(model, tokenizer, problems, reward_fn: RewardFn, cfg, seed: int,
     prompts = encode_prompts(tokenizer, problems, cfg.chat_template, cfg.max_prompt_tokens)
     rollout, texts, share = generate_shared(model, tokenizer, prompts, sampling_params(cfg, cfg.group_size,
                                                                                       cfg.temperature), seed, dist,
-                                            engine, getattr(cfg, "rollout_rng", "batch"))
+                                            engine, cfg.rollout_rng)
     local_problems = [problems[share][int(i)] for i in rollout.prompt_index]
     raw = torch.tensor([reward_fn(p, t) for p, t in zip(local_problems, texts)], dtype=torch.float32)
     lengths = rollout.lengths.cpu()
