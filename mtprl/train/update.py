@@ -91,10 +91,15 @@ def _loss_options(cfg, counts: Counts) -> dict:
                 global_seqs=counts.head_seqs)
 
 
+def _scores_the_batch_tokens(lp, mb: TrainBatch) -> bool:
+    """Whether log-probs `lp` cover exactly the micro-batch's loss tokens (main head) and head tokens (MTP)."""
+    return torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)
+
+
 def microbatch_forward(model, mb: TrainBatch, cfg, left_align: bool = False):
     """The training forward of a micro-batch: `response_log_probs` with entropy and MTP heads (with graph)."""
     lp = response_log_probs(model, mb, cfg.temperature, with_entropy=True, mtp=True, left_align=left_align)
-    if not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
+    if not _scores_the_batch_tokens(lp, mb):
         raise RuntimeError("the model scores other tokens than the batch layout expects; "
                            "mtprl.train.batch.head_masks must follow MTPCausalLM.token_log_probs")
     return lp
@@ -107,7 +112,7 @@ def microbatch_loss(model, mb: TrainBatch, cfg, counts: Counts, lp=None) -> tupl
     `sort_micro_batches`, gathered from the forwards of the sorted micro-batches)."""
     if lp is None:
         lp = microbatch_forward(model, mb, cfg)
-    elif not (torch.equal(lp.mask, mb.loss_mask) and torch.equal(lp.mtp_mask, mb.head_mask)):
+    elif not _scores_the_batch_tokens(lp, mb):
         raise RuntimeError("the given log-probs cover other tokens than the micro-batch (gather_log_probs' rows "
                            "or width do not match the micro-batch)")
     advantages, tis = mb.advantages, {}
