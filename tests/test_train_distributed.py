@@ -112,9 +112,12 @@ def test_two_processes_take_the_one_process_step(tmp_path):
     for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "entropy"):
         assert abs(dp_metrics[key] - metrics[key]) <= 1e-5 * max(1.0, abs(metrics[key])), key
     # The held-out terms: half gradients summed over workers, the same inner products as one process.
-    for key in ("heldout/0/dot", "heldout/0/same_dot", "heldout/0/pdot", "heldout/0/g_mtp_sq",
-                "heldout/0/proxy_mean_ratio"):
+    for key in ("heldout/0/dot", "heldout/0/same_dot", "heldout/0/pdot", "heldout/0/g_mtp_sq"):
         assert dp_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-9), key
+    # The proxy's mean ratio divides two float32 sums that nearly cancel: rounding reaches 3e-4 of it
+    # on some CPUs (0.0041845 vs 0.0041833 seen), while a wrong reduction would be off by a factor.
+    assert dp_metrics["heldout/0/proxy_mean_ratio"] == pytest.approx(metrics["heldout/0/proxy_mean_ratio"],
+                                                                      rel=2e-3, abs=1e-9)
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]

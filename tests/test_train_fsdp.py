@@ -137,6 +137,18 @@ def _load_dir(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _same_adamw_result(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Parameters after AdamW steps from gradients equal up to float rounding: all but 0.1% of the
+    elements within 1e-5, every element within 1e-4 (lr is 1e-3; the steps move them by ~5e-3).
+
+    AdamW divides each gradient by its own running RMS, so an element whose gradient is near zero (OCC's
+    MTP-only parameters get λ·g with λ ~ 1e-3) takes a step whose size and sign follow its rounding
+    error: on one CPU a single element of a 3,072 differed by 4.7e-5 between 2 processes and 1. A
+    wrong reduction or a missed shard moves many elements, which the 0.1% bound catches."""
+    diff = (a - b).abs()
+    return bool(diff.max() <= 1e-4) and int((diff > 1e-5).sum()) <= max(1, a.numel() // 1000)
+
+
 def _close(a: float, b: float, tol: float = 1e-5) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
 
@@ -165,7 +177,7 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert sharded.keys() == one.keys()
         assert max(float((one[k] - initial[k]).abs().max()) for k in one) > 1e-4, regime  # the steps moved them
         for name, value in one.items():
-            assert torch.allclose(sharded[name], value, atol=1e-5, rtol=0), (regime, name)
+            assert _same_adamw_result(sharded[name], value), (regime, name, float((sharded[name] - value).abs().max()))
         two_first, two_second = json.loads((tmp_path / f"metrics-{regime}.json").read_text())
         assert second["grad_norm"] > 0.05  # the shared clipping acted on the sharded gradients too
         exact = [k for k in second if k.startswith("exact/")]
@@ -175,7 +187,9 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert abs(second["heldout/0/pdot"]) > 0 and abs(second["heldout/0/proxy_mean_ratio"]) > 0
         for key in ("pg/loss", "mtp/0/loss", "mtp/0/lambda", "grad_norm", "mtp/grad_norm", "entropy", *exact,
                     *heldout):
-            tol = 1e-4 if key.endswith("proxy_c_hat") else 1e-5  # a mean of ratios δμ/(μ²+ε): ill-conditioned
+            # The second step starts from parameters equal only up to `_same_adamw_result` (1e-4 for a few
+            # elements): its metrics to 1e-4. proxy_c_hat, a mean of ratios δμ/(μ²+ε), is ill-conditioned.
+            tol = 1e-3 if key.endswith("proxy_c_hat") else 1e-4
             assert _close(two_second[key], second[key], tol), (regime, key, two_second[key], second[key])
             if key in first:
                 assert _close(two_first[key], first[key]), (regime, key)
@@ -184,8 +198,8 @@ def test_fsdp_two_processes_match_one(tmp_path):
     model.save_pretrained(tmp_path / "whole")
     streamed, whole = _load_dir(tmp_path / "export"), _load_dir(tmp_path / "whole")
     assert streamed.keys() == whole.keys() and any(k.startswith("model.mtp_layers.0.") for k in whole)
-    for key, value in whole.items():
-        assert torch.allclose(streamed[key], value, atol=1e-5, rtol=0), key
+    for key, value in whole.items():  # the sharded run's parameters: equal to the 1-process run's as above
+        assert _same_adamw_result(streamed[key], value), key
     # one file each: embedding, trunk layer 0, trunk layer 1, final norm, the MTP layer
     assert len(list((tmp_path / "export").glob("model-*.safetensors"))) == 5
 
